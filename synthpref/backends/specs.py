@@ -1,0 +1,88 @@
+"""Model specs: how a recipe declares a model once and names it everywhere else.
+
+Each backend registers a pydantic spec class under its ``backend:`` name. Fields marked
+``volatile`` (batch sizes, concurrency, timeouts, credentials' location) change how fast a run goes,
+never what it produces, so they stay out of run fingerprints.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from synthpref.backends.base import Backend
+
+VOLATILE = {"volatile": True}
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str
+    system_prompt: str | None = Field(
+        None, description="prepended as a system message to every request without one"
+    )
+    backend_name: ClassVar[str]
+
+    def build(self) -> Backend:
+        raise NotImplementedError
+
+    def capabilities(self) -> frozenset[str]:
+        """What the built backend will support, known without loading weights or connecting."""
+        raise NotImplementedError
+
+    def backend_key(self) -> str:
+        """Specs with equal keys share one backend object (and so one copy of the weights)."""
+        return self.model_dump_json(exclude={"system_prompt"})
+
+    def display_name(self) -> str:
+        return self.backend
+
+
+_SPECS: dict[str, type[ModelSpec]] = {}
+
+
+def register_backend(cls: type[ModelSpec]) -> type[ModelSpec]:
+    _SPECS[cls.backend_name] = cls
+    return cls
+
+
+def spec_class(backend: str) -> type[ModelSpec]:
+    _load_builtin()
+    try:
+        return _SPECS[backend]
+    except KeyError:
+        raise ValueError(
+            f"unknown backend {backend!r}; choose one of {', '.join(sorted(_SPECS))}"
+        ) from None
+
+
+def backend_names() -> list[str]:
+    _load_builtin()
+    return sorted(_SPECS)
+
+
+def fingerprint_fields(model: BaseModel) -> dict[str, Any]:
+    """The model's fields that affect results, recursively, as plain data."""
+    out: dict[str, Any] = {}
+    for name, info in type(model).model_fields.items():
+        if (info.json_schema_extra or {}) == VOLATILE:
+            continue
+        value = getattr(model, name)
+        out[name] = fingerprint_fields(value) if isinstance(value, BaseModel) else _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return fingerprint_fields(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _load_builtin() -> None:
+    from synthpref.backends import builtin  # noqa: F401  (registers the shipped backends)

@@ -1,0 +1,112 @@
+"""Typed requests and results shared by every backend.
+
+Modelled on vLLM's ``SamplingParams``: one small value object per call, so the same stage code runs on
+the embedded model, vLLM and any OpenAI-compatible server, and so a request hashes to a stable cache key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from synthpref.records import Message
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n: int = Field(1, ge=1, description="samples per prompt")
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(256, ge=1)
+    seed: int | None = Field(
+        0, description="makes sampling reproducible; None draws fresh randomness"
+    )
+    stop: list[str] = Field(default_factory=list)
+
+
+class GenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    messages: list[Message]
+    params: SamplingParams = SamplingParams()
+    json_schema: dict[str, Any] | None = Field(
+        None, description="constrain the output to this JSON schema where the backend supports it"
+    )
+    top_logprobs: int = Field(
+        0, ge=0, le=20, description="return this many alternatives per generated token (0: none)"
+    )
+    continue_final_message: bool = Field(
+        False,
+        description="treat a trailing assistant message as a prefix the model continues (prefill)",
+    )
+
+    def cache_key(self, backend_identity: str) -> str:
+        return _hash({"kind": "generate", "backend": backend_identity, "req": self.model_dump()})
+
+
+class Completion(BaseModel):
+    text: str
+    finish_reason: Literal["stop", "length"] | str
+    completion_tokens: int
+    top_logprobs: list[dict[str, float]] | None = Field(
+        None, description="per generated token, the alternatives' log-probabilities"
+    )
+
+
+class GenerationResult(BaseModel):
+    completions: list[Completion]
+    prompt_tokens: int
+
+
+class ScoreRequest(BaseModel):
+    """Teacher-forced scoring of one message of a conversation.
+
+    The conversation is rendered with the model's own chat template; the scored segment is exactly the
+    content of ``messages[segment]`` (its turn header excluded). ``include_end_of_turn`` adds the
+    template's end-of-turn token that follows the content (``<|im_end|>`` for ChatML models).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    messages: list[Message]
+    segment: int = -1
+    include_end_of_turn: bool = False
+    truncation: Literal["error", "left"] = Field(
+        "error",
+        description="when the conversation exceeds the context window: fail the request, or drop the "
+        "oldest context tokens (never segment tokens) and record how many were dropped",
+    )
+
+    @model_validator(mode="after")
+    def _segment_in_range(self) -> ScoreRequest:
+        if not -len(self.messages) <= self.segment < len(self.messages):
+            raise ValueError(f"segment {self.segment} is outside the {len(self.messages)} messages")
+        if not self.messages[self.segment].content:
+            raise ValueError("the scored segment is empty: there is no token to score")
+        return self
+
+    def cache_key(self, backend_identity: str) -> str:
+        return _hash({"kind": "score", "backend": backend_identity, "req": self.model_dump()})
+
+
+class ScoreResult(BaseModel):
+    token_logprobs: list[float]
+    tokens: list[str]
+    truncated_tokens: int = Field(0, description="context tokens dropped by the truncation policy")
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.token_logprobs))
+
+    @property
+    def mean(self) -> float:
+        return self.total / len(self.token_logprobs)
+
+
+def _hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()

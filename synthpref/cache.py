@@ -1,0 +1,64 @@
+"""Content-addressed request cache: no completed model call is ever made twice.
+
+Keys are hashes of (backend identity, request); values are the backend's JSON result. Results are
+committed as the backend reports them, batch by batch, so a run killed mid-shard keeps every call that
+finished. A journal table logs each computation, which is how tests (and curious users) check that
+nothing was computed twice.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+
+class RequestCache:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, kind TEXT, value TEXT, created REAL)"
+        )
+        self._db.execute("CREATE TABLE IF NOT EXISTS journal (key TEXT, pid INTEGER, created REAL)")
+
+    def get_many(self, keys: list[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        with self._lock:
+            for k in range(0, len(keys), 500):
+                chunk = keys[k : k + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT key, value FROM results WHERE key IN ({marks})", chunk
+                ).fetchall()
+                out.update(rows)
+        return out
+
+    def put(self, key: str, kind: str, value: str) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute(
+                "INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?)", (key, kind, value, now)
+            )
+            self._db.execute("INSERT INTO journal VALUES (?, ?, ?)", (key, os.getpid(), now))
+            self._db.execute("COMMIT")
+
+    def journal_counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT key, COUNT(*) FROM journal GROUP BY key").fetchall()
+        return dict(rows)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

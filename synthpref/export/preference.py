@@ -1,0 +1,50 @@
+"""TRL's conversational preference format: ``prompt``, ``chosen``, ``rejected`` as message lists.
+
+Scores, margin and provenance ride along as extra columns; TRL's DPO and reward trainers ignore
+columns they do not use.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from synthpref.export import register_format
+from synthpref.records import Record
+
+_MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+PREFERENCE_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", _MESSAGES),
+        ("chosen", _MESSAGES),
+        ("rejected", _MESSAGES),
+        ("score_chosen", pa.float64()),
+        ("score_rejected", pa.float64()),
+        ("margin", pa.float64()),
+        ("chosen_model", pa.string()),
+        ("rejected_model", pa.string()),
+        ("judge", pa.string()),
+        ("rule", pa.string()),
+    ]
+)
+
+
+@register_format("preference", PREFERENCE_SCHEMA)
+def preference_rows(record: Record):
+    prompt = [m.model_dump() for m in record.prompt]
+    for pair in record.pairs:
+        chosen = record.candidate(pair.chosen_id)
+        rejected = record.candidate(pair.rejected_id)
+        yield {
+            "prompt_id": record.id,
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": chosen.text}],
+            "rejected": [{"role": "assistant", "content": rejected.text}],
+            "score_chosen": pair.chosen_score,
+            "score_rejected": pair.rejected_score,
+            "margin": pair.margin,
+            "chosen_model": chosen.model,
+            "rejected_model": rejected.model,
+            "judge": pair.judge,
+            "rule": pair.rule,
+        }

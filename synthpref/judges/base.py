@@ -1,0 +1,102 @@
+"""Shared machinery of generative judges: ask, parse, re-ask the unparseable, record failures.
+
+A judge reply that cannot be parsed is asked again with sampling on (a greedy re-ask would return the
+same text), a bounded number of times; what still fails becomes a ``failed`` judgment that keeps the
+raw text, and is counted. Nothing becomes a silent ``None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from pydantic import Field
+
+from synthpref.backends.client import ModelClient
+from synthpref.backends.types import Completion, GenerationRequest, SamplingParams
+from synthpref.judges.parsing import ParseError
+from synthpref.stages.base import Stage, StageParams
+
+T = TypeVar("T")
+
+
+class JudgeParams(StageParams):
+    model: str = Field("default", description="the judging model (a name under 'models')")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy first attempt")
+    max_tokens: int = Field(256, ge=1)
+    seed: int = 0
+    max_retries: int = Field(2, ge=0, description="re-asks of an unparseable reply")
+    retry_temperature: float = Field(0.7, gt=0)
+
+    def sampling(self, attempt: int) -> SamplingParams:
+        if attempt == 0:
+            return SamplingParams(
+                temperature=self.temperature, max_tokens=self.max_tokens, seed=self.seed
+            )
+        return SamplingParams(
+            temperature=self.retry_temperature, max_tokens=self.max_tokens, seed=self.seed + attempt
+        )
+
+
+@dataclass
+class Answer(Generic[T]):
+    value: T | None
+    raw: str
+    attempts: int
+    error: str | None = None
+    sampling: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+async def ask_until_parsed(
+    client: ModelClient,
+    requests: Sequence[GenerationRequest],
+    parse: Callable[[str, Completion], T],
+    params: JudgeParams,
+    prefix: str = "",
+) -> list[Answer[T]]:
+    """Send every request, re-asking only those whose reply ``parse`` rejects.
+
+    ``parse`` gets the reply text and the completion (for judges that read token log-probabilities).
+    ``prefix`` is text the request pre-filled as the start of the reply; it is glued back on before
+    parsing so parsers always see the whole verdict.
+    """
+    answers: list[Answer[T] | None] = [None] * len(requests)
+    pending = list(range(len(requests)))
+    for attempt in range(params.max_retries + 1):
+        sampling = params.sampling(attempt)
+        batch = [requests[i].model_copy(update={"params": sampling}) for i in pending]
+        results = await client.generate(batch)
+        still = []
+        for i, result in zip(pending, results, strict=True):
+            completion = result.completions[0]
+            raw = prefix + completion.text
+            try:
+                answers[i] = Answer(
+                    parse(raw, completion), raw, attempt + 1, None, sampling.model_dump()
+                )
+            except ParseError as exc:
+                answers[i] = Answer(None, raw, attempt + 1, str(exc), sampling.model_dump())
+                still.append(i)
+        pending = still
+        if not pending:
+            break
+    return answers  # type: ignore[return-value]
+
+
+class JudgeStage(Stage):
+    """Base of judges that call a model; subclasses fill ``process``."""
+
+    kind = "judge"
+    params: JudgeParams
+
+    def models_used(self) -> list[str]:
+        return [self.params.model]
+
+    def client(self) -> ModelClient:
+        assert self.ctx is not None, "stage used before the executor attached its context"
+        return self.ctx.model(self.params.model)

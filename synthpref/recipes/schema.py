@@ -1,0 +1,90 @@
+"""The recipe: a YAML file that declares sources, models, stages and outputs.
+
+Validation happens in two passes. The first checks the recipe's own shape (this module). The second
+(``recipes.loader``) checks each model against its backend's spec and each stage against its parameter
+model, since those are open sets that plugins extend. Both report the YAML path of every problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from synthpref.backends.specs import VOLATILE
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSpec(_Strict):
+    """Where prompts come from: a local file (JSONL, JSON, Parquet, CSV) or a datasets dataset."""
+
+    path: str | None = Field(None, description="a .jsonl/.json/.parquet/.csv file")
+    dataset: str | None = Field(
+        None, description="a Hugging Face dataset name or a local dataset directory"
+    )
+    split: str = "train"
+    config: str | None = Field(None, description="dataset configuration name")
+    prompt_field: str = Field("prompt", description="a string, or a list of chat messages")
+    id_field: str | None = Field(
+        None, description="column with stable ids; default: a hash of the prompt"
+    )
+    limit: int | None = Field(None, ge=1, description="use only the first N rows")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SourceSpec:
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("give exactly one of 'path' or 'dataset'")
+        return self
+
+
+class StageSpec(BaseModel):
+    """One stage: its ``type``, an optional unique ``name``, and the stage's own parameters."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    name: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OutputSpec(_Strict):
+    dir: str = Field(description="run directory: checkpoints, cache, dataset and report")
+    formats: list[str] = Field(default_factory=lambda: ["preference"])
+
+
+class Settings(_Strict):
+    shard_size: int = Field(
+        64,
+        ge=1,
+        description="records per shard (the unit of checkpointing); part of the fingerprint "
+        "because local backends batch within a shard",
+    )
+    on_error: Literal["skip", "stop"] = Field(
+        "skip", description="a malformed input row is skipped and logged, or stops the run"
+    )
+    max_concurrent_shards: int = Field(2, ge=1, json_schema_extra=VOLATILE)
+
+
+class Recipe(_Strict):
+    name: str = "synthpref"
+    description: str = ""
+    source: SourceSpec
+    models: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="model name -> spec ({backend: embedded|transformers|openai|vllm, ...})",
+    )
+    stages: list[StageSpec] = Field(min_length=1)
+    output: OutputSpec
+    settings: Settings = Settings()
+
+    base_dir: Path = Field(Path("."), exclude=True, description="resolve relative paths from here")
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p

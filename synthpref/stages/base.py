@@ -1,0 +1,75 @@
+"""The stage interface. Generators, judges, filters and pair builders are all stages.
+
+A stage receives one shard (a list of :class:`~synthpref.records.Record`) and returns the shard with its
+contribution added. Its parameters are a pydantic model, validated from the recipe before anything runs,
+so a typo in a judge's option is reported with its YAML path instead of failing an hour in.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import Counter
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from synthpref.backends.base import Capability
+    from synthpref.backends.client import ModelClient
+    from synthpref.records import Record
+
+StageKind = Literal["generator", "judge", "filter", "pairs", "annotator"]
+
+
+class StageParams(BaseModel):
+    """Base for every stage's parameters: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class StageContext:
+    """What a running stage may use: named models, a counter of events, and a warning channel."""
+
+    def __init__(self, clients: dict[str, ModelClient], warn=print) -> None:
+        self._clients = clients
+        self.warn = warn
+
+    def model(self, name: str) -> ModelClient:
+        try:
+            return self._clients[name]
+        except KeyError:
+            raise KeyError(f"no model named {name!r} is declared in the recipe") from None
+
+
+class Stage(ABC):
+    type_name: ClassVar[str]
+    kind: ClassVar[StageKind]
+    Params: ClassVar[type[StageParams]] = StageParams
+
+    def __init__(self, name: str, params: StageParams, ctx: StageContext | None = None) -> None:
+        self.name = name
+        self.params = params
+        self.ctx = ctx
+        self.counters: Counter[str] = Counter()
+
+    def models_used(self) -> list[str]:
+        """Names of recipe models this stage calls (they join its fingerprint)."""
+        return []
+
+    def requirements(self) -> dict[str, set[Capability]]:
+        """Capabilities this stage needs from each model, checked when the recipe is validated."""
+        return {m: {"generate"} for m in self.models_used()}
+
+    def check(self, previous: list[Stage]) -> list[str]:
+        """Problems with this stage's place in the recipe (e.g. a pair builder with no judge before it)."""
+        return []
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What, beyond its parameters and models, changes this stage's output (e.g. template hashes)."""
+        return {}
+
+    @abstractmethod
+    async def process(self, records: list[Record]) -> list[Record]: ...
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.type_name, "name": self.name, **self.params.model_dump()}

