@@ -12,50 +12,15 @@ import socket
 import time
 
 import pytest
-from conftest_vllm import (  # noqa: F401 - fixtures; drop this import once merged into conftest.py
-    embedded_dir,
-    free_port,
-    transformers_reference,
-    vllm_server,
-)
 
 from synthpref.backends.base import BackendError, CapabilityError
 from synthpref.backends.openai_backend import OpenAIBackend, OpenAISpec
 from synthpref.backends.specs import fingerprint_fields, spec_class
 from synthpref.backends.types import GenerationRequest, SamplingParams, ScoreRequest
 from synthpref.records import Message
+from tests.vllm_fixtures import SCORE_REQUESTS, assistant, free_port, user
 
-
-def user(text: str) -> Message:
-    return Message(role="user", content=text)
-
-
-def assistant(text: str) -> Message:
-    return Message(role="assistant", content=text)
-
-
-SCORE_REQUESTS = [
-    ScoreRequest(
-        messages=[user("What is 2+2?"), assistant("2+2 equals 4. That is basic arithmetic.")],
-        include_end_of_turn=eot,
-    )
-    for eot in (False, True)
-] + [
-    ScoreRequest(
-        messages=[
-            Message(role="system", content="Answer briefly."),
-            user("Capital of France?"),
-            assistant("Paris."),
-            user("And of Germany?"),
-            assistant("Berlin is the capital of Germany, and its largest city."),
-        ],
-        segment=2,
-        include_end_of_turn=True,
-    ),
-    ScoreRequest(
-        messages=[user("Write a haiku about rain."), assistant("Soft rain on the roof\nthe garden drinks slowly\nclouds hum their grey song")],
-    ),
-]
+# the vllm_server / vllm_backend / transformers_reference fixtures (drop once merged into conftest.py)
 
 
 def server_backend(server, **kwargs) -> OpenAIBackend:
@@ -115,7 +80,11 @@ def test_unreachable_server_is_retried_then_fails_clearly():
     with pytest.raises(BackendError) as err:
         asyncio.run(backend.generate([GenerationRequest(messages=[user("hi")])]))
     message = str(err.value)
-    assert "request 0" in message and "after 3 attempts" in message and "is the server running" in message
+    assert (
+        "request 0" in message
+        and "after 3 attempts" in message
+        and "is the server running" in message
+    )
     assert backend.retries == 2
     assert time.monotonic() - started >= 0.1 + 0.2  # the exponential backoff was waited
 

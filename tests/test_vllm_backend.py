@@ -7,19 +7,14 @@ import asyncio
 import json
 
 import pytest
-from conftest_vllm import (  # noqa: F401 - fixtures; drop this import once merged into conftest.py
-    embedded_dir,
-    transformers_reference,
-    vllm_backend,
-)
-from test_openai_backend import SCORE_REQUESTS, assistant, user
 
 from synthpref.backends.base import BackendError
 from synthpref.backends.specs import fingerprint_fields, spec_class
 from synthpref.backends.types import GenerationRequest, SamplingParams, ScoreRequest
 from synthpref.records import Message
+from tests.vllm_fixtures import SCORE_REQUESTS, assistant, user
 
-pytestmark = pytest.mark.vllm
+# the vllm_server / vllm_backend / transformers_reference fixtures (drop once merged into conftest.py)
 
 
 def test_spec_registered_with_volatile_memory_settings():
@@ -34,6 +29,7 @@ def test_spec_registered_with_volatile_memory_settings():
         assert volatile not in fp
 
 
+@pytest.mark.vllm
 def test_generation_n_seed_stop_top_logprobs_and_prefill(vllm_backend):
     sampled = GenerationRequest(
         messages=[user("Write two sentences about the sea.")],
@@ -63,6 +59,7 @@ def test_generation_n_seed_stop_top_logprobs_and_prefill(vllm_backend):
     assert first[1].completions[0].text and not first[1].completions[0].text.startswith("Hello")
 
 
+@pytest.mark.vllm
 def test_json_schema_constrains_the_output(vllm_backend):
     schema = {
         "type": "object",
@@ -79,6 +76,7 @@ def test_json_schema_constrains_the_output(vllm_backend):
     assert isinstance(json.loads(result.completions[0].text)["score"], int)
 
 
+@pytest.mark.vllm
 def test_greedy_prompt_tokens_match_transformers(vllm_backend, transformers_reference):
     req = GenerationRequest(
         messages=[Message(role="system", content="Be terse."), user("Name a prime number.")],
@@ -91,9 +89,12 @@ def test_greedy_prompt_tokens_match_transformers(vllm_backend, transformers_refe
     assert result.prompt_tokens == len(local)
 
 
+@pytest.mark.vllm
 def test_scores_equal_transformers(vllm_backend, transformers_reference):
     reported: list[int] = []
-    ours = asyncio.run(vllm_backend.score(SCORE_REQUESTS, on_result=lambda i, r: reported.append(i)))
+    ours = asyncio.run(
+        vllm_backend.score(SCORE_REQUESTS, on_result=lambda i, r: reported.append(i))
+    )
     ref = asyncio.run(transformers_reference.score(SCORE_REQUESTS))
     assert reported == list(range(len(SCORE_REQUESTS)))
     for a, b in zip(ours, ref, strict=True):
@@ -103,6 +104,7 @@ def test_scores_equal_transformers(vllm_backend, transformers_reference):
     assert ours[1].tokens == [*ours[0].tokens, "<|im_end|>"]
 
 
+@pytest.mark.vllm
 def test_left_truncation_drops_context_and_reports_it(vllm_backend, transformers_reference):
     req = ScoreRequest(
         messages=[user("filler " * 2500), assistant("The answer is short.")], truncation="left"

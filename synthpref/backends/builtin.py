@@ -62,7 +62,6 @@ class EmbeddedSpec(TransformersSpec):
         return str(embedded_model_dir())
 
 
-try:  # TEMP until the helper lands the file
-    from synthpref.backends import openai_backend as _openai  # noqa: F401
-except ModuleNotFoundError:
-    pass
+# Registering costs nothing: neither module imports its client library until a backend is built.
+from synthpref.backends import openai_backend as _openai  # noqa: E402,F401
+from synthpref.backends import vllm_backend as _vllm  # noqa: E402,F401

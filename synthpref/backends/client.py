@@ -80,7 +80,7 @@ class ModelClient:
     async def _cached(self, kind, requests, call, result_type, count_tokens):
         identity = self.backend.identity
         keys = [r.cache_key(identity) for r in requests]
-        hits = self.cache.get_many(list(set(keys))) if self.cache else {}
+        hits = self.cache.get_many(list(set(keys))) if self.cache is not None else {}
         results = [None] * len(requests)
         todo: dict[str, list[int]] = {}
         for i, key in enumerate(keys):
@@ -94,7 +94,7 @@ class ModelClient:
             batch = [requests[todo[k][0]] for k in unique]
 
             def on_result(j: int, result) -> None:
-                if self.cache:
+                if self.cache is not None:
                     self.cache.put(unique[j], kind, result.model_dump_json())
                 n = count_tokens(result)
                 self.tokens += n

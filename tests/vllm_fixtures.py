@@ -26,6 +26,9 @@ from pathlib import Path
 
 import pytest
 
+from synthpref.backends.types import ScoreRequest
+from synthpref.records import Message
+
 #: name the server publishes the model under, so tests do not depend on the cache path
 SERVED_NAME = "smollm2"
 MAX_MODEL_LEN = 2048
@@ -35,6 +38,44 @@ CPU_ENV = {
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     "VLLM_CPU_KVCACHE_SPACE": "1",
 }
+
+
+def user(text: str) -> Message:
+    return Message(role="user", content=text)
+
+
+def assistant(text: str) -> Message:
+    return Message(role="assistant", content=text)
+
+
+#: conversations scored on every backend: one- and multi-turn, with and without the end-of-turn token
+SCORE_REQUESTS = [
+    ScoreRequest(
+        messages=[user("What is 2+2?"), assistant("2+2 equals 4. That is basic arithmetic.")],
+        include_end_of_turn=eot,
+    )
+    for eot in (False, True)
+] + [
+    ScoreRequest(
+        messages=[
+            Message(role="system", content="Answer briefly."),
+            user("Capital of France?"),
+            assistant("Paris."),
+            user("And of Germany?"),
+            assistant("Berlin is the capital of Germany, and its largest city."),
+        ],
+        segment=2,
+        include_end_of_turn=True,
+    ),
+    ScoreRequest(
+        messages=[
+            user("Write a haiku about rain."),
+            assistant(
+                "Soft rain on the roof\nthe garden drinks slowly\nclouds hum their grey song"
+            ),
+        ],
+    ),
+]
 
 
 def vllm_env() -> dict[str, str]:
@@ -50,17 +91,26 @@ def require_vllm() -> None:
     )
 
 
+def serve_command() -> list[str]:
+    """``vllm serve``, or its module form where the ``vllm`` CLI cannot start.
+
+    vllm-cpu 0.32.0's CLI looks up the version of a distribution named ``vllm`` and dies with
+    PackageNotFoundError, since that build is distributed as ``vllm-cpu``; the OpenAI server module
+    takes the same arguments (the model as ``--model``) without that lookup.
+    """
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def embedded_dir() -> Path:
-    from synthpref.backends.embedded import embedded_model_dir
-
-    return embedded_model_dir()
 
 
 @pytest.fixture(scope="session")
@@ -93,10 +143,8 @@ def vllm_server(embedded_dir: Path) -> Iterator[VLLMServer]:
     port = free_port()
     log_path = Path(tempfile.mkdtemp(prefix="synthpref-vllm-")) / "serve.log"
     cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.cli.main",
-        "serve",
+        *serve_command(),
+        "--model",
         str(embedded_dir),
         "--host",
         "127.0.0.1",
@@ -133,7 +181,9 @@ def vllm_server(embedded_dir: Path) -> Iterator[VLLMServer]:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve was not healthy in time; log {log_path}:\n{_log_tail(log_path)}")
+                pytest.fail(
+                    f"vllm serve was not healthy in time; log {log_path}:\n{_log_tail(log_path)}"
+                )
             time.sleep(1)
         yield VLLMServer(f"{base}/v1", SERVED_NAME, embedded_dir, log_path)
     finally:

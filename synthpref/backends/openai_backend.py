@@ -1,0 +1,559 @@
+"""OpenAI-compatible HTTP backend: the OpenAI API itself, ``vllm serve``, SGLang, llama.cpp's server...
+
+Remote servers batch on their side, so the backend's job is to keep many requests in flight (bounded by
+``max_concurrency``, so a local server is not flooded and a hosted API's rate limits are respected), to
+retry only what can succeed on a second try (timeouts, dropped connections, 429, 5xx), and to fail at
+once, naming the request and quoting the server, on everything else.
+
+Generation uses chat completions. Scoring needs the log-probabilities of given text, which chat
+completions cannot return, so it uses the legacy ``/v1/completions`` endpoint with ``echo`` and a
+prompt of token ids rendered locally by :func:`segments.render_segment`: the server then scores exactly
+the tokens the transformers and vLLM backends score. That requires a local copy of the served model's
+tokenizer (``tokenizer:``); without one the backend cannot score, as with the OpenAI API itself.
+
+An ``AsyncOpenAI`` client is opened per ``generate``/``score`` call rather than once per backend: its
+connection pool belongs to the event loop that created it, and callers may run each stage in a fresh
+loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+
+from pydantic import Field
+
+from synthpref.backends.base import (
+    Backend,
+    BackendError,
+    Capability,
+    CapabilityError,
+    OnGenerated,
+    OnScored,
+)
+from synthpref.backends.segments import SegmentError, render_segment
+from synthpref.backends.specs import VOLATILE, ModelSpec, register_backend
+from synthpref.backends.types import (
+    Completion,
+    GenerationRequest,
+    GenerationResult,
+    ScoreRequest,
+    ScoreResult,
+)
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: what a server without authentication is sent; vLLM and most local servers accept any key
+NO_KEY = "EMPTY"
+
+
+@register_backend
+class OpenAISpec(ModelSpec):
+    """A model behind an OpenAI-compatible API: the OpenAI API (``base_url`` unset) or a local server.
+
+    Scoring is available only with ``tokenizer`` (a local directory holding the served model's
+    tokenizer) and a server that implements ``/v1/completions`` with ``echo`` and prompt logprobs,
+    which ``vllm serve`` does and the OpenAI API does not.
+    """
+
+    backend_name: ClassVar[str] = "openai"
+    backend: Literal["openai"] = "openai"
+    model: str = Field(description="the served model name, as the server's /v1/models lists it")
+    base_url: str | None = Field(
+        None, description="e.g. http://127.0.0.1:8000/v1 for vllm serve; unset: the OpenAI API"
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="local tokenizer directory of the served model; enables scoring (teacher forcing)",
+    )
+    max_context: int | None = Field(
+        None,
+        ge=2,
+        description="the server's context window in tokens, for scoring; unset: asked from the "
+        "server's /v1/models (vLLM reports max_model_len), else unchecked",
+    )
+    strict_json_schema: bool = Field(
+        True,
+        description="send json_schema with strict: true (OpenAI then enforces it, but accepts only "
+        "its schema subset); false lets any schema through as a hint",
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        description="environment variable holding the API key; with base_url set it may be unset",
+        json_schema_extra=VOLATILE,
+    )
+    max_concurrency: int = Field(64, ge=1, json_schema_extra=VOLATILE)
+    timeout: float = Field(
+        600.0, gt=0, description="seconds per HTTP request", json_schema_extra=VOLATILE
+    )
+    max_retries: int = Field(5, ge=0, json_schema_extra=VOLATILE)
+
+    def build(self) -> Backend:
+        return OpenAIBackend(
+            self.model,
+            base_url=self.base_url,
+            api_key_env=self.api_key_env,
+            tokenizer=self.tokenizer,
+            max_context=self.max_context,
+            strict_json_schema=self.strict_json_schema,
+            max_concurrency=self.max_concurrency,
+            timeout=self.timeout,
+            max_retries=self.max_retries,
+        )
+
+    def capabilities(self) -> frozenset[str]:
+        caps = {"generate", "json_schema", "top_logprobs"}
+        return frozenset(caps | {"score"} if self.tokenizer else caps)
+
+    def display_name(self) -> str:
+        return self.model
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(path: str):
+    """Load a tokenizer once per process; scoring renders every request with it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+class OpenAIBackend(Backend):
+    """Chat completions for generation, ``/v1/completions`` with ``echo`` for scoring.
+
+    ``peak_in_flight`` and ``retries`` count what happened on this object (the most requests that
+    were awaiting the server at once, and the retried attempts): progress reports and tests read them.
+    """
+
+    #: what every instance can do; ``supports`` adds "score" when a tokenizer is configured
+    capabilities: ClassVar[frozenset[Capability]] = frozenset(
+        {"generate", "json_schema", "top_logprobs"}
+    )
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        tokenizer: str | None = None,
+        max_context: int | None = None,
+        strict_json_schema: bool = True,
+        max_concurrency: int = 64,
+        timeout: float = 600.0,
+        max_retries: int = 5,
+        retry_initial_wait: float = 1.0,
+        retry_max_wait: float = 60.0,
+    ) -> None:
+        self.model = model
+        self.base_url = base_url.rstrip("/") if base_url else None
+        self.tokenizer_path = tokenizer
+        self.max_context = max_context
+        self.strict_json_schema = strict_json_schema
+        self.max_concurrency = max_concurrency
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.retry_initial_wait = retry_initial_wait
+        self.retry_max_wait = retry_max_wait
+        self.api_key_env = api_key_env
+        self._api_key = api_key if api_key is not None else self._key_from_env(api_key_env)
+        self._context_checked = max_context is not None
+        self._in_flight = 0
+        self.peak_in_flight = 0
+        self.retries = 0
+
+    def _key_from_env(self, env: str) -> str:
+        key = os.environ.get(env)
+        if key:
+            return key
+        if self.base_url is None:
+            raise BackendError(
+                f"the OpenAI API needs a key: set the environment variable {env} (or point "
+                "api_key_env at the variable that holds it), or set base_url for a local server"
+            )
+        return NO_KEY
+
+    @property
+    def where(self) -> str:
+        return self.base_url or "the OpenAI API"
+
+    @property
+    def identity(self) -> str:
+        # The tokenizer decides which tokens a score covers, so it is part of what the answers depend on.
+        tok = f":tokenizer={self.tokenizer_path}" if self.tokenizer_path else ""
+        return f"openai:{self.base_url or 'api.openai.com'}:{self.model}{tok}"
+
+    def supports(self, capability: Capability) -> bool:
+        if capability == "score":
+            return self.tokenizer_path is not None
+        return capability in self.capabilities
+
+    @property
+    def tokenizer(self):
+        if self.tokenizer_path is None:
+            raise CapabilityError(
+                f"scoring through {self.where} needs the served model's tokenizer: set "
+                "tokenizer: <local directory> in the model spec (and use a server with "
+                "/v1/completions echo support, such as vllm serve)"
+            )
+        return load_tokenizer(self.tokenizer_path)
+
+    def _client(self) -> AsyncOpenAI:
+        from openai import AsyncOpenAI
+
+        # The SDK's own retries are off: tenacity retries below, with the request index in the logs.
+        return AsyncOpenAI(
+            api_key=self._api_key, base_url=self.base_url, timeout=self.timeout, max_retries=0
+        )
+
+    # generation -------------------------------------------------------------------------------
+
+    async def generate(
+        self, requests: Sequence[GenerationRequest], on_result: OnGenerated | None = None
+    ) -> list[GenerationResult]:
+        for i, r in enumerate(requests):
+            if r.continue_final_message:
+                raise CapabilityError(
+                    f"request {i} asks to continue a final assistant message (prefill), which the "
+                    "OpenAI chat API cannot do; use the transformers, embedded or vllm backend"
+                )
+        if not requests:
+            return []
+        async with self._client() as client:
+
+            async def one(i: int) -> GenerationResult:
+                kwargs = self._chat_kwargs(requests[i])
+                resp = await self._call(i, lambda: client.chat.completions.create(**kwargs))
+                return self._parse_chat(i, requests[i], resp)
+
+            return await self._run_all(len(requests), one, on_result)
+
+    def _chat_kwargs(self, req: GenerationRequest) -> dict[str, Any]:
+        p = req.params
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": [m.model_dump() for m in req.messages],
+            "n": p.n,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            # max_completion_tokens, not the deprecated max_tokens: OpenAI's reasoning models reject
+            # the latter, and vLLM accepts both.
+            "max_completion_tokens": p.max_tokens,
+        }
+        if p.seed is not None:
+            kwargs["seed"] = p.seed
+        if p.stop:
+            kwargs["stop"] = list(p.stop)
+        if req.top_logprobs:
+            kwargs["logprobs"] = True
+            kwargs["top_logprobs"] = req.top_logprobs
+        if req.json_schema is not None:
+            kwargs["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    # OpenAI accepts only [A-Za-z0-9_-]{1,64} here
+                    "name": re.sub(
+                        r"[^A-Za-z0-9_-]", "_", str(req.json_schema.get("title") or "response")
+                    )[:64],
+                    "schema": req.json_schema,
+                    "strict": self.strict_json_schema,
+                },
+            }
+        return kwargs
+
+    def _parse_chat(self, i: int, req: GenerationRequest, resp: Any) -> GenerationResult:
+        choices = getattr(resp, "choices", None)
+        if not isinstance(choices, list) or not choices:
+            raise BackendError(
+                f"request {i}: {self.where} answered without choices; got {_preview(resp)}"
+            )
+        if len(choices) != req.params.n:
+            raise BackendError(
+                f"request {i}: asked {self.where} for n={req.params.n} completions, got "
+                f"{len(choices)}; the server may not support n > 1"
+            )
+        usage = getattr(resp, "usage", None)
+        total_completion = getattr(usage, "completion_tokens", None)
+        completions = []
+        for k, choice in enumerate(sorted(choices, key=lambda c: getattr(c, "index", 0))):
+            message = getattr(choice, "message", None)
+            text = getattr(message, "content", None)
+            if text is None:
+                text = getattr(message, "refusal", None)  # a refusal is an answer, not a failure
+            if not isinstance(text, str):
+                raise BackendError(
+                    f"request {i}: choice {k} from {self.where} has no text content; "
+                    f"got {_preview(choice)}"
+                )
+            top = None
+            n_tokens: int | None = None
+            content_lp = getattr(getattr(choice, "logprobs", None), "content", None)
+            if req.top_logprobs:
+                if content_lp is None:
+                    raise BackendError(
+                        f"request {i}: asked {self.where} for top_logprobs={req.top_logprobs} but "
+                        "the answer has none; the server or model does not return logprobs"
+                    )
+                top = [{t.token: float(t.logprob) for t in tok.top_logprobs} for tok in content_lp]
+            if content_lp is not None:
+                n_tokens = len(content_lp)
+            elif total_completion is not None and req.params.n == 1:
+                n_tokens = int(total_completion)
+            elif self.tokenizer_path is not None:
+                n_tokens = len(self.tokenizer(text, add_special_tokens=False).input_ids)
+            elif total_completion is not None:
+                # Only the total is known: share it out (an estimate used for progress reporting).
+                base, extra = divmod(int(total_completion), req.params.n)
+                n_tokens = base + (1 if k < extra else 0)
+            else:
+                n_tokens = 0
+            completions.append(
+                Completion(
+                    text=text,
+                    finish_reason=choice.finish_reason or "stop",
+                    completion_tokens=n_tokens,
+                    top_logprobs=top,
+                )
+            )
+        prompt_tokens = getattr(usage, "prompt_tokens", None)
+        return GenerationResult(completions=completions, prompt_tokens=int(prompt_tokens or 0))
+
+    # scoring ----------------------------------------------------------------------------------
+
+    async def score(
+        self, requests: Sequence[ScoreRequest], on_result: OnScored | None = None
+    ) -> list[ScoreResult]:
+        tok = self.tokenizer  # raises CapabilityError without one
+        if not requests:
+            return []
+        async with self._client() as client:
+            limit = await self._context_limit(client)
+            rendered = []
+            for i, r in enumerate(requests):
+                try:
+                    rendered.append(render_segment(tok, r, limit))
+                except SegmentError as exc:
+                    raise BackendError(f"score request {i}: {exc}") from exc
+
+            async def one(i: int) -> ScoreResult:
+                seg = rendered[i]
+                resp = await self._call(
+                    i,
+                    lambda: client.completions.create(
+                        model=self.model,
+                        prompt=seg.token_ids,
+                        echo=True,
+                        logprobs=1,
+                        max_tokens=1,
+                        temperature=0.0,
+                    ),
+                )
+                return ScoreResult(
+                    token_logprobs=self._prompt_logprobs(
+                        i, resp, seg.token_ids, seg.start, seg.end
+                    ),
+                    tokens=tok.convert_ids_to_tokens(seg.token_ids[seg.start : seg.end]),
+                    truncated_tokens=seg.truncated_tokens,
+                )
+
+            return await self._run_all(len(requests), one, on_result)
+
+    async def _context_limit(self, client: AsyncOpenAI) -> int | None:
+        """The longest prompt a score request may send: the context minus the one generated token."""
+        if not self._context_checked:
+            self._context_checked = True
+            try:
+                models = await client.models.list()
+                for m in models.data:
+                    if m.id == self.model and getattr(m, "max_model_len", None):
+                        self.max_context = int(m.max_model_len)  # type: ignore[attr-defined]
+            except Exception as exc:
+                log.info("could not read the context window from %s/models: %s", self.where, exc)
+        return self.max_context - 1 if self.max_context else None
+
+    def _prompt_logprobs(
+        self, i: int, resp: Any, ids: list[int], start: int, end: int
+    ) -> list[float]:
+        choices = getattr(resp, "choices", None)
+        lp = (
+            getattr(choices[0], "logprobs", None) if isinstance(choices, list) and choices else None
+        )
+        values = getattr(lp, "token_logprobs", None)
+        if not isinstance(values, list) or len(values) < len(ids):
+            raise BackendError(
+                f"score request {i}: {self.where} did not echo the prompt's {len(ids)} token "
+                f"logprobs (needs /v1/completions with echo=true and logprobs, as vllm serve "
+                f"has); got {_preview(resp)}"
+            )
+        out = values[start:end]
+        if any(not isinstance(v, int | float) for v in out):
+            raise BackendError(
+                f"score request {i}: {self.where} returned non-numeric logprobs for the scored "
+                f"tokens: {_preview(out)}"
+            )
+        return [float(v) for v in out]
+
+    # plumbing ---------------------------------------------------------------------------------
+
+    async def _run_all(
+        self,
+        n: int,
+        worker: Callable[[int], Awaitable[T]],
+        on_result: Callable[[int, T], None] | None,
+    ) -> list[T]:
+        """Run ``worker(i)`` for every index, at most ``max_concurrency`` at once; report each result
+        as it lands, and on the first failure cancel the rest (results already reported stay cached).
+        """
+        sem = asyncio.Semaphore(self.max_concurrency)
+        results: list[T | None] = [None] * n
+
+        async def one(i: int) -> None:
+            async with sem:
+                self._in_flight += 1
+                self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+                try:
+                    result = await worker(i)
+                finally:
+                    self._in_flight -= 1
+            results[i] = result
+            if on_result:
+                on_result(i, result)
+
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return results  # type: ignore[return-value]
+
+    async def _call(self, i: int, fn: Callable[[], Awaitable[T]]) -> T:
+        """One HTTP call with retries on transient failures; anything else becomes a BackendError."""
+        from tenacity import (
+            AsyncRetrying,
+            RetryCallState,
+            retry_if_exception,
+            stop_after_attempt,
+            wait_exponential,
+            wait_random,
+        )
+
+        def before_sleep(state: RetryCallState) -> None:
+            self.retries += 1
+            exc = state.outcome.exception() if state.outcome else None
+            wait = state.next_action.sleep if state.next_action else 0.0
+            log.warning(
+                "request %d to %s failed (%s), retry %d of %d in %.1fs",
+                i,
+                self.where,
+                _describe(exc),
+                state.attempt_number,
+                self.max_retries,
+                wait,
+            )
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_retries + 1),
+            # initial * 2**k plus up to `initial` of jitter, so concurrent retries spread out
+            wait=wait_exponential(multiplier=self.retry_initial_wait, max=self.retry_max_wait)
+            + wait_random(0, self.retry_initial_wait),
+            retry=retry_if_exception(is_transient),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await fn()
+        except BackendError:
+            raise
+        except Exception as exc:
+            attempts = retrying.statistics.get("attempt_number", 1)
+            raise BackendError(self._explain(i, exc, attempts)) from exc
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    def _explain(self, i: int, exc: Exception, attempts: int) -> str:
+        from openai import APIConnectionError, APIStatusError, APITimeoutError
+
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        if isinstance(exc, APITimeoutError):
+            return (
+                f"request {i} to {self.where} timed out{tries} (timeout: {self.timeout}s); raise "
+                "timeout: in the model spec, or lower max_concurrency if the server is overloaded"
+            )
+        if isinstance(exc, APIConnectionError):
+            return (
+                f"request {i}: could not connect to {self.where}{tries} ({_describe(exc)}); is the "
+                "server running and is base_url right (e.g. http://127.0.0.1:8000/v1)?"
+            )
+        if isinstance(exc, APIStatusError):
+            status = exc.status_code
+            said = _server_message(exc).rstrip(". ")
+            msg = f"request {i} failed{tries}: {self.where} answered HTTP {status}: {said}"
+            if status == 401:
+                msg += (
+                    f"; the server wants a key: set it in ${self.api_key_env}"
+                    if self._api_key == NO_KEY
+                    else f"; check the API key in ${self.api_key_env}"
+                )
+            elif status == 404:
+                msg += (
+                    f"; is {self.model!r} the name the server serves? (vllm serve names a model "
+                    "after its path unless --served-model-name is given; see GET /v1/models)"
+                )
+            elif status == 429:
+                msg += "; lower max_concurrency or raise max_retries"
+            return msg
+        return f"request {i} to {self.where} failed{tries}: {_describe(exc)}"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth another try: timeouts, connection failures, rate limits (429) and server errors (5xx)."""
+    from openai import APIConnectionError, APIStatusError
+
+    if isinstance(exc, APIConnectionError):  # includes APITimeoutError
+        return True
+    if isinstance(exc, APIStatusError):
+        return exc.status_code == 429 or exc.status_code >= 500
+    return False
+
+
+def _server_message(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        if body.get("message"):
+            return str(body["message"])
+    return str(getattr(exc, "message", None) or exc)
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    cause = exc.__cause__ or exc.__context__
+    text = f"{type(exc).__name__}: {exc}"
+    if cause is not None and str(cause) and str(cause) not in text:
+        text += f" ({type(cause).__name__}: {cause})"
+    return text
+
+
+def _preview(obj: Any, limit: int = 300) -> str:
+    dump = getattr(obj, "model_dump_json", None)
+    text = dump() if callable(dump) else repr(obj)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"

@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny recipe on the embedded model that runs in seconds on two CPU cores."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROMPTS = [
+    {"id": "p1", "prompt": "Name a primary colour."},
+    {"id": "p2", "prompt": "What is 3 + 4?"},
+    {"id": "p3", "prompt": [{"role": "user", "content": "Say hello in French."}]},
+    {"id": "p4", "prompt": "Give one word that rhymes with cat."},
+]
+
+
+def tiny_recipe(tmp_path: Path, prompts=PROMPTS, **overrides) -> dict:
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    recipe = {
+        "name": "tiny",
+        "source": {"path": str(data), "id_field": "id"},
+        "models": {
+            "a": {"backend": "embedded"},
+            "b": {"backend": "embedded", "system_prompt": "Answer in one short sentence."},
+        },
+        "stages": [
+            {"type": "generate", "models": ["a", "b"], "n": 1, "max_tokens": 16},
+            {"type": "rubric_judge", "name": "rating", "model": "a", "max_tokens": 6},
+            {"type": "pairs", "judge": "rating"},
+        ],
+        "output": {"dir": str(tmp_path / "run")},
+        "settings": {"shard_size": 2},
+    }
+    for key, value in overrides.items():
+        recipe[key] = value
+    return recipe
+
+
+def write_recipe(tmp_path: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    from synthpref.backends.embedded import embedded_model_dir
+
+    return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+# vLLM server and engine fixtures (they skip cleanly when vllm is not installed)
+from tests.vllm_fixtures import (  # noqa: E402,F401
+    transformers_reference,
+    vllm_backend,
+    vllm_server,
+)

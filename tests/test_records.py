@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from synthpref.records import (
+    Candidate,
+    Judgment,
+    Message,
+    Pair,
+    Record,
+    records_from_arrow,
+    records_to_arrow,
+)
+
+
+def test_arrow_round_trip_keeps_everything():
+    record = Record(
+        id="r1",
+        prompt=[Message(role="user", content="hi")],
+        source_row=3,
+        metadata={"topic": "greeting", "tags": ["a", "b"]},
+        annotations={"checklist": ["Is it polite?"]},
+        candidates=[Candidate(id="c1", model="m", text="hello", sampling={"temperature": 0.7})],
+        judgments=[
+            Judgment(judge="j", candidate_ids=["c1"], score=4.0, scores={"help": 4.0, "x": None}),
+            Judgment(judge="j", candidate_ids=["c1"], status="failed", error="no rating", raw="??"),
+        ],
+        pairs=[
+            Pair(
+                chosen_id="c1",
+                rejected_id="c1",
+                chosen_score=1,
+                rejected_score=0,
+                margin=1,
+                judge="j",
+                rule="r",
+            )
+        ],
+    )
+    table = records_to_arrow([record, Record(id="r2", prompt=[Message(role="user", content="x")])])
+    back = records_from_arrow(table)
+    assert back[0] == record
+    assert back[1].candidates == []

@@ -1,0 +1,136 @@
+"""The transformers backend on the embedded model: generation semantics and exact scoring."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from synthpref.backends.segments import SegmentError
+from synthpref.backends.transformers_backend import TransformersBackend
+from synthpref.backends.types import GenerationRequest, SamplingParams, ScoreRequest
+from synthpref.records import Message
+
+
+@pytest.fixture(scope="module")
+def backend(embedded_dir):
+    return TransformersBackend(str(embedded_dir), batch_size=4)
+
+
+def _conv(answer: str, *extra: Message) -> list[Message]:
+    return [
+        Message(role="user", content="What is the capital of France?"),
+        Message(role="assistant", content=answer),
+        *extra,
+    ]
+
+
+def _reference_logprobs(backend, messages, segment_index, include_eot):
+    """Independent computation: one plain forward pass over the full chat-templated text."""
+    tok, model = backend.tokenizer, backend.model
+    dicts = [m.model_dump() for m in messages]
+    full = tok.apply_chat_template(dicts[: segment_index + 1], tokenize=False)
+    ids = tok(full, add_special_tokens=False, return_tensors="pt").input_ids
+    content = messages[segment_index].content
+    # locate the content by the text right before it: the rendering of the conversation so far
+    head = full[: full.rindex(content)]
+    n_head = len(tok(head, add_special_tokens=False).input_ids)
+    n_body = len(tok(head + content, add_special_tokens=False).input_ids) - n_head
+    n = n_body + (1 if include_eot else 0)
+    with torch.no_grad():
+        logp = model(ids).logits.float().log_softmax(-1)[0]
+    targets = ids[0, n_head : n_head + n]
+    return logp[n_head - 1 : n_head - 1 + n].gather(-1, targets[:, None])[:, 0].tolist()
+
+
+@pytest.mark.parametrize("include_eot", [False, True])
+def test_scoring_matches_plain_forward_pass(backend, include_eot):
+    convs = [
+        (_conv("Paris is the capital of France."), 1),
+        (_conv("I think it might be Lyon, but I am not sure at all."), 1),
+        (
+            _conv(
+                "Paris.",
+                Message(role="user", content="Thanks! Can you tell me more about it?"),
+            ),
+            2,
+        ),
+    ]
+    requests = [
+        ScoreRequest(messages=m, segment=i, include_end_of_turn=include_eot) for m, i in convs
+    ]
+    results = asyncio.run(backend.score(requests))
+    for (messages, index), result in zip(convs, results, strict=True):
+        expected = _reference_logprobs(backend, messages, index, include_eot)
+        assert len(result.token_logprobs) == len(expected)
+        per_token = max(abs(a - b) for a, b in zip(result.token_logprobs, expected, strict=True))
+        assert per_token < 1e-3
+    assert results[0].tokens[-1] == ("<|im_end|>" if include_eot else ".")
+
+
+def test_context_overflow_policy(embedded_dir):
+    small = TransformersBackend(str(embedded_dir), max_context=48)
+    long_question = "Please answer carefully. " * 20
+    messages = [
+        Message(role="user", content=long_question),
+        Message(role="assistant", content="Yes."),
+    ]
+    with pytest.raises(SegmentError, match="over the model's context of 48"):
+        asyncio.run(small.score([ScoreRequest(messages=messages)]))
+    result = asyncio.run(small.score([ScoreRequest(messages=messages, truncation="left")]))[0]
+    assert result.truncated_tokens > 0 and len(result.token_logprobs) == 2
+
+
+def test_empty_segment_is_rejected():
+    with pytest.raises(ValueError, match="empty"):
+        ScoreRequest(
+            messages=[Message(role="user", content="hi"), Message(role="assistant", content="")]
+        )
+
+
+def test_generation_is_reproducible_and_honours_params(backend):
+    params = SamplingParams(n=2, temperature=0.9, max_tokens=12, seed=7)
+    prompts = ["Name a fruit.", "Name a colour.", "Name an animal."]
+    requests = [
+        GenerationRequest(messages=[Message(role="user", content=p)], params=params)
+        for p in prompts
+    ]
+    seen = []
+    first = asyncio.run(backend.generate(requests, on_result=lambda i, r: seen.append(i)))
+    again = asyncio.run(backend.generate(requests))
+    assert first == again
+    assert sorted(seen) == [0, 1, 2]
+    for result in first:
+        assert len(result.completions) == 2
+        for c in result.completions:
+            assert c.completion_tokens <= 12
+            assert c.finish_reason in ("stop", "length")
+            assert (c.finish_reason == "length") == (
+                c.completion_tokens == 12 and "<|im_end|>" not in c.text
+            )
+
+
+def test_stop_strings_and_top_logprobs(backend):
+    request = GenerationRequest(
+        messages=[Message(role="user", content="Write one sentence about the sea.")],
+        params=SamplingParams(temperature=0, max_tokens=40, stop=["e"]),
+        top_logprobs=5,
+    )
+    result = asyncio.run(backend.generate([request]))[0].completions[0]
+    assert "e" not in result.text and result.finish_reason == "stop"
+    assert result.top_logprobs and len(result.top_logprobs[0]) == 5
+    assert all(v <= 0 for v in result.top_logprobs[0].values())
+
+
+def test_prefill_continues_the_assistant_message(backend):
+    request = GenerationRequest(
+        messages=[
+            Message(role="user", content="Rate the number 5 from 1 to 5."),
+            Message(role="assistant", content="Rating:"),
+        ],
+        params=SamplingParams(temperature=0, max_tokens=3),
+        continue_final_message=True,
+    )
+    assert backend.render_prompt(request).endswith("Rating:")
+    assert asyncio.run(backend.generate([request]))[0].completions[0].text
