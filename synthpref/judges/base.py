@@ -29,14 +29,20 @@ class JudgeParams(StageParams):
     max_retries: int = Field(2, ge=0, description="re-asks of an unparseable reply")
     retry_temperature: float = Field(0.7, gt=0)
 
-    def sampling(self, attempt: int) -> SamplingParams:
+    def sampling(self, attempt: int, sample: int = 0) -> SamplingParams:
+        """Attempt 0 uses the judge's settings; re-asks sample. ``sample`` tells apart the k
+        independent verdicts a judge may draw for one question (it shifts the seed)."""
+        seed = self.seed + _SAMPLE_SEED_STRIDE * sample
         if attempt == 0:
             return SamplingParams(
-                temperature=self.temperature, max_tokens=self.max_tokens, seed=self.seed
+                temperature=self.temperature, max_tokens=self.max_tokens, seed=seed
             )
         return SamplingParams(
-            temperature=self.retry_temperature, max_tokens=self.max_tokens, seed=self.seed + attempt
+            temperature=self.retry_temperature, max_tokens=self.max_tokens, seed=seed + attempt
         )
+
+
+_SAMPLE_SEED_STRIDE = 1_000_003
 
 
 @dataclass
@@ -58,21 +64,25 @@ async def ask_until_parsed(
     parse: Callable[[str, Completion], T],
     params: JudgeParams,
     prefix: str = "",
+    samples: Sequence[int] | None = None,
 ) -> list[Answer[T]]:
     """Send every request, re-asking only those whose reply ``parse`` rejects.
 
     ``parse`` gets the reply text and the completion (for judges that read token log-probabilities).
     ``prefix`` is text the request pre-filled as the start of the reply; it is glued back on before
-    parsing so parsers always see the whole verdict.
+    parsing so parsers always see the whole verdict. ``samples`` (one per request) numbers repeated
+    questions so each draws its own verdict (see :meth:`JudgeParams.sampling`).
     """
     answers: list[Answer[T] | None] = [None] * len(requests)
     pending = list(range(len(requests)))
     for attempt in range(params.max_retries + 1):
-        sampling = params.sampling(attempt)
-        batch = [requests[i].model_copy(update={"params": sampling}) for i in pending]
+        per = [params.sampling(attempt, samples[i] if samples else 0) for i in pending]
+        batch = [
+            requests[i].model_copy(update={"params": p}) for i, p in zip(pending, per, strict=True)
+        ]
         results = await client.generate(batch)
         still = []
-        for i, result in zip(pending, results, strict=True):
+        for i, result, sampling in zip(pending, results, per, strict=True):
             completion = result.completions[0]
             raw = prefix + completion.text
             try:
@@ -100,3 +110,33 @@ class JudgeStage(Stage):
     def client(self) -> ModelClient:
         assert self.ctx is not None, "stage used before the executor attached its context"
         return self.ctx.model(self.params.model)
+
+
+def self_preference_warnings(stages: Sequence[Stage], models: dict[str, Any]) -> list[str]:
+    """Warn where a judge stage uses a model that also generated the candidates it judges.
+
+    LLM judges rate their own outputs higher than other models' outputs of equal quality
+    (self-preference bias). Models are compared by what they run (``display_name()`` of the spec,
+    e.g. the weights' name), not by their recipe names, so the same weights under two system prompts
+    count as one model. Works for every judge stage, built in or plugged in, since it only reads
+    ``kind`` and ``models_used()``.
+    """
+    warnings = []
+    generated: dict[str, list[str]] = {}
+    for i, stage in enumerate(stages):
+        used = [m for m in stage.models_used() if m in models]
+        if stage.kind == "generator":
+            for m in used:
+                generated.setdefault(models[m].display_name(), []).append(m)
+        elif stage.kind == "judge":
+            for m in used:
+                same = generated.get(models[m].display_name())
+                if same:
+                    names = ", ".join(repr(n) for n in dict.fromkeys(same))
+                    warnings.append(
+                        f"stages[{i}] ({stage.name}): judge model {m!r} runs "
+                        f"{models[m].display_name()}, which also generated candidates (as {names}); "
+                        "judges tend to prefer their own outputs (self-preference bias). Prefer a "
+                        "different judge model, or a jury of several."
+                    )
+    return warnings

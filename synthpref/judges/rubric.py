@@ -50,6 +50,7 @@ class RubricJudge(JudgeStage):
     type_name = "rubric_judge"
     Params = RubricParams
     params: RubricParams
+    score_range = (1.0, 5.0)
 
     def template(self, aspect: str):
         return load_template(self.params.templates.get(aspect, f"rubric/{aspect}.jinja"))

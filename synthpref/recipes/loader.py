@@ -33,6 +33,7 @@ class LoadedRecipe:
     stages: list[Stage]
     path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _loc(parts: tuple) -> str:
@@ -129,7 +130,10 @@ def parse_recipe(raw: Any, source: str = "<recipe>", base_dir: Path | None = Non
         problems += _capability_problems(stages, models)
     if problems:
         raise RecipeError(source, problems)
-    return LoadedRecipe(recipe=recipe, models=models, stages=stages, raw=raw)
+    from synthpref.judges.base import self_preference_warnings
+
+    warnings = self_preference_warnings(stages, models)
+    return LoadedRecipe(recipe=recipe, models=models, stages=stages, raw=raw, warnings=warnings)
 
 
 def _capability_problems(stages: list[Stage], models: dict[str, ModelSpec]) -> list[str]:

@@ -7,10 +7,13 @@ point in the ``synthpref.stages`` or ``synthpref.judges`` group of an installed 
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
+import inspect
+from typing import get_args
 
-from synthpref.stages.base import Stage
+from synthpref.stages.base import Stage, StageKind
 
 ENTRY_POINT_GROUPS = ("synthpref.stages", "synthpref.judges")
 _BUILTIN: dict[str, type[Stage]] = {}
@@ -48,25 +51,72 @@ def resolve_stage(type_name: str) -> type[Stage]:
         return stages[type_name]
     for group in ENTRY_POINT_GROUPS:
         for ep in importlib.metadata.entry_points(group=group, name=type_name):
-            return _checked(ep.load(), type_name)
+            where = f"entry point {type_name!r} = {ep.value!r} (group {group}{_dist(ep)})"
+            try:
+                obj = ep.load()
+            except Exception as exc:
+                raise UnknownStage(f"{where} failed to load: {type(exc).__name__}: {exc}") from exc
+            return _checked(obj, where)
     if ":" in type_name:
         module_name, _, attr = type_name.partition(":")
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise UnknownStage(f"cannot import module {module_name!r}: {exc}") from exc
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.split(".")[0] != exc.name.split(".")[0]:
+                raise UnknownStage(
+                    f"importing module {module_name!r} failed: it needs {exc.name!r}, which is not "
+                    "installed"
+                ) from exc
+            raise UnknownStage(
+                f"cannot import module {module_name!r}: {exc}. Install the package that provides "
+                "it in this environment, or put its directory on PYTHONPATH"
+            ) from exc
+        except Exception as exc:
+            raise UnknownStage(
+                f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
         try:
-            return _checked(getattr(module, attr), type_name)
+            obj = getattr(module, attr)
         except AttributeError:
-            raise UnknownStage(f"module {module_name!r} has no attribute {attr!r}") from None
+            public = sorted(
+                n
+                for n, v in vars(module).items()
+                if isinstance(v, type) and issubclass(v, Stage) and not inspect.isabstract(v)
+            )
+            hint = f" (its Stage classes: {', '.join(public)})" if public else ""
+            raise UnknownStage(f"module {module_name!r} has no attribute {attr!r}{hint}") from None
+        return _checked(obj, repr(type_name))
     known = sorted(stages) + sorted(plugin_stages())
+    close = difflib.get_close_matches(type_name, known, n=1)
+    did_you_mean = f"did you mean {close[0]!r}? " if close else ""
     raise UnknownStage(
-        f"unknown stage type {type_name!r}; known: {', '.join(known)} "
-        "(or give a custom class as 'module:Class')"
+        f"unknown stage type {type_name!r}; {did_you_mean}known: {', '.join(known)} "
+        "(or give a custom class as 'module:Class', or install a package that registers it under "
+        "the 'synthpref.judges' or 'synthpref.stages' entry-point group)"
     )
 
 
-def _checked(obj: object, type_name: str) -> type[Stage]:
+def _dist(ep: importlib.metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f", package {dist.name} {dist.version}" if dist is not None else ""
+
+
+def _checked(obj: object, where: str) -> type[Stage]:
     if not (isinstance(obj, type) and issubclass(obj, Stage)):
-        raise UnknownStage(f"{type_name!r} is not a synthpref Stage subclass")
+        what = f"the class {obj.__name__}" if isinstance(obj, type) else f"a {type(obj).__name__}"
+        raise UnknownStage(
+            f"{where} is {what}, not a synthpref Stage subclass; a custom judge subclasses "
+            "synthpref.judges.base.JudgeStage (or synthpref.stages.base.Stage), see "
+            "docs/custom-judges.md"
+        )
+    if inspect.isabstract(obj):
+        missing = ", ".join(sorted(getattr(obj, "__abstractmethods__", ())))
+        raise UnknownStage(f"{where}: {obj.__name__} does not implement {missing}")
+    if getattr(obj, "kind", None) not in get_args(StageKind):
+        raise UnknownStage(
+            f"{where}: {obj.__name__} needs a class attribute kind = one of "
+            f"{', '.join(repr(k) for k in get_args(StageKind))} (a judge: kind = 'judge')"
+        )
+    if not isinstance(getattr(obj, "type_name", None), str):
+        obj.type_name = f"{obj.__module__}:{obj.__qualname__}"
     return obj
