@@ -29,7 +29,8 @@ def register_format(name: str, schema: pa.Schema):
 
 
 def formats() -> dict[str, tuple[RowBuilder, pa.Schema]]:
-    from synthpref.export import preference  # noqa: F401  (registers the shipped formats)
+    # importing registers the shipped formats
+    from synthpref.export import kto, listwise, pointwise, preference, reward  # noqa: F401
 
     return dict(_FORMATS)
 

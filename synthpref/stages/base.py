@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 if TYPE_CHECKING:
     from synthpref.backends.base import Capability
     from synthpref.backends.client import ModelClient
+    from synthpref.recipes.schema import Recipe
     from synthpref.records import Record
 
 StageKind = Literal["generator", "judge", "filter", "pairs", "annotator"]
@@ -67,6 +68,10 @@ class Stage(ABC):
     def fingerprint(self) -> dict[str, Any]:
         """What, beyond its parameters and models, changes this stage's output (e.g. template hashes)."""
         return {}
+
+    def prepare(self, records: list[Record], recipe: Recipe | None = None) -> None:  # noqa: B027
+        """Run-level pre-pass, called once per run with every input record before any shard is
+        processed (e.g. prompt de-duplication across shards; files relative to the recipe)."""
 
     @abstractmethod
     async def process(self, records: list[Record]) -> list[Record]: ...

@@ -2,7 +2,9 @@
 
 ``best_worst``: chosen is the best-scored candidate, rejected the worst. Prompts are skipped (and the
 reason counted) when fewer than two candidates have a score, when all scores tie, when the two texts are
-identical, or when the margin is below ``min_margin``.
+identical, or when the margin is below ``min_margin``. Scores come from :func:`candidate_scores`: the
+mean of a pointwise judge's scores, or for a pairwise judge each candidate's mean preference over its
+comparisons.
 """
 
 from __future__ import annotations
@@ -12,21 +14,29 @@ from typing import Literal
 from pydantic import Field
 
 from synthpref.records import Pair, Record
+from synthpref.stages import pair_rules
 from synthpref.stages.base import Stage, StageParams
 from synthpref.stages.registry import register_stage
 
 
 def candidate_scores(record: Record, judge: str) -> dict[str, float]:
-    """Mean score per candidate over the judge's successful pointwise judgments."""
+    """Mean score per candidate over the judge's successful judgments.
+
+    Pointwise judgments score their one candidate. A pairwise judgment (candidate_ids = [a, b], score
+    = preference for a in [-1, 1]) counts +score for a and -score for b, so a candidate's score is its
+    mean preference over the comparisons it took part in: a Copeland / win-rate style score in
+    [-1, 1] (with verdicts of +-1 and 0 it is 2 x win rate - 1, ties counting half).
+    """
     sums: dict[str, list[float]] = {}
     for j in record.judgments:
-        if (
-            j.judge == judge
-            and j.status == "ok"
-            and j.score is not None
-            and len(j.candidate_ids) == 1
-        ):
+        if j.judge != judge or j.status != "ok" or j.score is None:
+            continue
+        if len(j.candidate_ids) == 1:
             sums.setdefault(j.candidate_ids[0], []).append(j.score)
+        elif len(j.candidate_ids) == 2:
+            a, b = j.candidate_ids
+            sums.setdefault(a, []).append(j.score)
+            sums.setdefault(b, []).append(-j.score)
     return {c: sum(v) / len(v) for c, v in sums.items()}
 
 
@@ -34,8 +44,13 @@ class PairsParams(StageParams):
     judge: str | None = Field(
         None, description="the judge stage whose scores decide; default: the last judge"
     )
-    rule: Literal["best_worst"] = "best_worst"
+    rule: Literal["best_worst", "best_random", "all_pairs", "listwise"] = Field(
+        "best_worst",
+        description="best_worst | best_random (UltraFeedback-binarized) | all_pairs (every pair above "
+        "min_margin) | listwise (a ranking in annotations['ranking']); see synthpref.stages.pair_rules",
+    )
     min_margin: float = Field(0.0, ge=0, description="skip pairs whose score gap is smaller")
+    seed: int = Field(0, description="seed of best_random's draw of the rejected response")
 
 
 @register_stage
@@ -64,7 +79,8 @@ class BuildPairs(Stage):
 
     async def process(self, records: list[Record]) -> list[Record]:
         for record in records:
-            record.pairs = [p for p in record.pairs if p.judge != self.judge]
+            if self.params.rule != "listwise":  # a ranking leaves other stages' pairs alone
+                record.pairs = [p for p in record.pairs if p.judge != self.judge]
             reason = self._pair(record)
             self.counters[reason] += 1
         return records
@@ -73,6 +89,8 @@ class BuildPairs(Stage):
         scores = candidate_scores(record, self.judge)
         if len(scores) < 2:
             return "skipped_fewer_than_2_scored"
+        if self.params.rule != "best_worst":
+            return pair_rules.apply(self, record, scores)
         ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
         (best, hi), (worst, lo) = ranked[0], ranked[-1]
         if hi == lo:

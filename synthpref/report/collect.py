@@ -1,0 +1,287 @@
+"""Statistics of a finished run, read from its run directory (nothing is recomputed by a model).
+
+Per-stage numbers come from the checkpoints' metadata (the counters every shard carries), so they are
+complete even when the last invocation resumed most shards; token and call counts come from
+``summary.json`` (they describe the last invocation only). Scores, agreement and lengths come from
+``data/records.parquet``, read in batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from synthpref.executor import checkpoints as ck
+from synthpref.metrics import cohen_kappa, pairwise_labels
+from synthpref.records import Record, records_from_arrow
+from synthpref.stages.pairs import candidate_scores
+
+REQUIRED = ("run.json", "summary.json", "data/records.parquet")
+PAIR_FILTERS = {"margin_filter", "consistency_filter", "length_bias_filter", "reliability_filter"}
+
+
+class ReportError(ValueError):
+    pass
+
+
+def check_run_dir(run_dir: Path) -> dict:
+    """The run's summary, or ReportError naming what makes the directory not a finished run."""
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir} is not a directory")
+    missing = [name for name in REQUIRED if not (run_dir / name).is_file()]
+    if missing:
+        raise ReportError(
+            f"{run_dir} is not a finished synthpref run: missing {', '.join(missing)} "
+            "(run `synthpref run RECIPE` until it completes; rerunning resumes)"
+        )
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        json.loads((run_dir / "run.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{run_dir}: summary.json or run.json is not valid JSON: {exc}") from None
+    for name, path in summary.get("outputs", {}).items():
+        local = run_dir / "data" / Path(path).name
+        if not local.is_file():
+            raise ReportError(
+                f"{run_dir} is incomplete: the {name!r} output {local} is missing "
+                "(rerun `synthpref run RECIPE` to write it again)"
+            )
+    return summary
+
+
+@dataclass
+class StageStats:
+    name: str
+    type: str
+    kind: str = ""
+    records_in: int = 0
+    records_out: int = 0
+    shards: int = 0
+    counters: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    calls: int = 0
+    tokens: int = 0
+    cache_hits: int = 0
+    source: str = "checkpoints"
+
+    @property
+    def pairs_in(self) -> int | None:
+        if self.type in PAIR_FILTERS:
+            return self.counters.get("pairs_in", 0)
+        return self.counters.get("pairs_in")
+
+    @property
+    def pairs_out(self) -> int | None:
+        if self.kind == "pairs" or self.type == "pairs":
+            if "pairs" not in self.counters and "rankings" in self.counters:
+                return None  # a listwise ranking stage builds no pairs
+            return self.counters.get("pair_rows", self.counters.get("pairs", 0))
+        if "pairs_in" in self.counters or self.type in PAIR_FILTERS:
+            return self.counters.get("kept", 0)
+        return None
+
+
+@dataclass
+class JudgeStats:
+    name: str
+    judgments: int = 0
+    failed: int = 0
+    pairwise: bool = False
+    scores: list[float] = field(default_factory=list)  # one per successful judgment
+    candidate_scores: list[float] = field(default_factory=list)
+    errors: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class RunStats:
+    run_dir: Path
+    name: str
+    description: str
+    fingerprint: str
+    input_rows: int
+    input_errors: list[dict]
+    stages: list[StageStats]
+    records: int = 0
+    candidates: int = 0
+    judges: dict[str, JudgeStats] = field(default_factory=dict)
+    kappas: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    pair_lengths: list[tuple[int, int, float]] = field(
+        default_factory=list
+    )  # chosen, rejected, margin
+    rankings: int = 0
+    flags: Counter = field(default_factory=Counter)
+    formats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    recipe: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def dropped_reasons(self) -> list[tuple[str, str, int]]:
+        """(stage, reason, count) for every drop or skip, most frequent first."""
+        out = []
+        for s in self.stages:
+            for key, n in s.counters.items():
+                if not n:
+                    continue
+                if key.startswith("dropped:"):
+                    out.append((s.name, key.removeprefix("dropped:"), n))
+                elif key.startswith("skipped_"):
+                    out.append((s.name, key.removeprefix("skipped_"), n))
+        return sorted(out, key=lambda t: (-t[2], t[0], t[1]))
+
+
+def words(text: str) -> int:
+    """Word count as the length-bias guard counts it (word tokens, punctuation aside)."""
+    from synthpref.filters._common import length
+
+    return length(text, "words")
+
+
+def collect(run_dir: Path) -> RunStats:
+    run_dir = Path(run_dir)
+    summary = check_run_dir(run_dir)
+    run = json.loads((run_dir / "run.json").read_text())
+    recipe = run.get("recipe") or {}
+    errors = []
+    errors_path = run_dir / "errors.jsonl"
+    if errors_path.is_file():
+        errors = [json.loads(line) for line in errors_path.read_text().splitlines() if line.strip()]
+    stats = RunStats(
+        run_dir=run_dir,
+        name=str(recipe.get("name", run_dir.name)),
+        description=str(recipe.get("description", "")),
+        fingerprint=run.get("fingerprint", ""),
+        input_rows=summary.get("input_rows", 0),
+        input_errors=errors,
+        stages=_stages(run_dir, run, summary),
+        recipe=recipe,
+        seconds=summary.get("seconds", 0.0),
+    )
+    _scan_records(run_dir / "data" / "records.parquet", stats)
+    stats.formats = _formats(run_dir, summary)
+    return stats
+
+
+def _stages(run_dir: Path, run: dict, summary: dict) -> list[StageStats]:
+    from synthpref.stages.registry import UnknownStage, resolve_stage
+
+    by_name = {s["name"]: s for s in summary.get("stages", [])}
+    out = []
+    for i, entry in enumerate(run.get("stages", [])):
+        name, fp = entry["name"], entry["fingerprint"]
+        info = by_name.get(name, {})
+        stage = StageStats(name=name, type=info.get("type", ""))
+        try:
+            stage.kind = resolve_stage(stage.type).kind if stage.type else ""
+        except UnknownStage:
+            stage.kind = ""
+        stage.calls = info.get("calls", 0)
+        stage.tokens = info.get("tokens", 0)
+        stage.cache_hits = info.get("cache_hits", 0)
+        folder = run_dir / "checkpoints" / f"{i:02d}-{name}-{fp[:12]}"
+        shards = sorted(folder.glob("shard-*.parquet")) if folder.is_dir() else []
+        if shards:
+            for path in shards:
+                shard = ck.read_info(path)
+                stage.records_in += shard.get("records_in", 0)
+                stage.records_out += shard.get("records_out", 0)
+                stage.counters.update(shard.get("counters", {}))
+                stage.seconds += shard.get("seconds", 0.0)
+            stage.shards = len(shards)
+        else:  # checkpoints deleted: the summary of the last invocation is all there is
+            stage.source = "summary"
+            stage.records_in = info.get("records_in", 0)
+            stage.records_out = info.get("records_out", 0)
+            stage.counters.update(info.get("counters", {}))
+            stage.seconds = info.get("seconds", 0.0)
+        out.append(stage)
+    return out
+
+
+def iter_records(path: Path, batch_size: int = 256):
+    parquet = pq.ParquetFile(path)
+    for batch in parquet.iter_batches(batch_size=batch_size):
+        yield from records_from_arrow(pa.Table.from_batches([batch]))
+
+
+def _scan_records(path: Path, stats: RunStats) -> None:
+    labels: dict[tuple[str, str], tuple[list, list]] = {}
+    for record in iter_records(path):
+        stats.records += 1
+        stats.candidates += len(record.candidates)
+        _judges(record, stats)
+        per_judge = {
+            name: candidate_scores(record, name) for name in stats.judges if _judged(record, name)
+        }
+        ids = [c.id for c in record.candidates]
+        for a, b in itertools.combinations(sorted(per_judge), 2):
+            la, lb = pairwise_labels(per_judge[a], ids), pairwise_labels(per_judge[b], ids)
+            xs, ys = labels.setdefault((a, b), ([], []))
+            for key in la.keys() & lb.keys():
+                xs.append(la[key])
+                ys.append(lb[key])
+        for pair in record.pairs:
+            stats.pair_lengths.append(
+                (
+                    words(record.candidate(pair.chosen_id).text),
+                    words(record.candidate(pair.rejected_id).text),
+                    pair.margin,
+                )
+            )
+        if record.annotations.get("ranking"):
+            stats.rankings += 1
+        for item in record.annotations.get("flags", []):
+            stats.flags[item.get("flag", "?")] += 1
+    for pair, (xs, ys) in labels.items():
+        if xs:
+            agree = sum(x == y for x, y in zip(xs, ys, strict=True))
+            stats.kappas[pair] = {
+                "kappa": cohen_kappa(xs, ys),
+                "agreement": agree / len(xs),
+                "n": len(xs),
+            }
+
+
+def _judged(record: Record, judge: str) -> bool:
+    return any(j.judge == judge for j in record.judgments)
+
+
+def _judges(record: Record, stats: RunStats) -> None:
+    for j in record.judgments:
+        judge = stats.judges.setdefault(j.judge, JudgeStats(j.judge))
+        judge.judgments += 1
+        judge.pairwise = judge.pairwise or len(j.candidate_ids) == 2
+        if j.status == "ok" and j.score is not None:
+            judge.scores.append(float(j.score))
+        else:
+            judge.failed += 1
+            judge.errors[_error_kind(j.error)] += 1
+    for name in {j.judge for j in record.judgments}:
+        stats.judges[name].candidate_scores += list(candidate_scores(record, name).values())
+
+
+def _error_kind(error: str | None) -> str:
+    if not error:
+        return "no score"
+    return error.split(":")[0].split(";")[0].strip()[:80]
+
+
+def _formats(run_dir: Path, summary: dict) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, path in summary.get("outputs", {}).items():
+        if name == "records":
+            continue
+        local = run_dir / "data" / Path(path).name
+        info: dict[str, Any] = {"rows": pq.ParquetFile(local).metadata.num_rows, "path": local}
+        if name == "kto" and info["rows"]:
+            from synthpref.export.kto import kto_balance
+
+            labels = pq.read_table(local, columns=["label"]).column("label").to_pylist()
+            info["balance"] = kto_balance(sum(labels), len(labels) - sum(labels))
+        out[name] = info
+    return out

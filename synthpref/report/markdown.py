@@ -1,0 +1,313 @@
+"""The report as Markdown: tables and the figures, linked with a configurable path prefix (``report/``
+in the dataset card, nothing inside the report folder)."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from synthpref.filters.length_bias import length_stats
+from synthpref.report.collect import RunStats
+
+_SELECTED = re.compile(
+    r"^selected:(?P<policy>.+?) agreement=(?P<agree>\S+) gold_kept=(?P<kept>\S+) baseline_agreement=(?P<base>\S+)$"
+)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "n/a" if math.isnan(v) else f"{v:.3g}"
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / len(values)
+    return mean, math.sqrt(var)
+
+
+def _median(values: list[float]) -> float:
+    if not values:
+        return math.nan
+    s = sorted(values)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def render(
+    stats: RunStats, figures: dict[str, Any], image_prefix: str = "", heading: int = 1
+) -> str:
+    h = "#" * heading
+    hh = h + "#"
+    img = lambda name, alt: f"![{alt}]({image_prefix}{name})" if name in figures else ""  # noqa: E731
+    pairs = len(stats.pair_lengths)
+    out = [f"{h} Run report: {stats.name}", ""]
+    if stats.description:
+        out += [stats.description, ""]
+    out += [
+        _table(
+            [
+                "input rows",
+                "malformed rows",
+                "records out",
+                "candidates",
+                "pairs",
+                "rankings",
+                "run fingerprint",
+            ],
+            [
+                [
+                    stats.input_rows,
+                    len(stats.input_errors),
+                    stats.records,
+                    stats.candidates,
+                    pairs,
+                    stats.rankings,
+                    f"`{stats.fingerprint[:12]}`",
+                ]
+            ],
+        ),
+        "",
+    ]
+
+    out += [f"{hh} Stages", ""]
+    rows = []
+    for s in stats.stages:
+        pair_cell = ""
+        if s.pairs_out is not None:
+            pair_cell = (
+                f"{s.pairs_in} → {s.pairs_out}" if s.pairs_in is not None else f"{s.pairs_out}"
+            )
+        rows.append(
+            [
+                s.name,
+                s.type,
+                s.records_in,
+                s.records_out,
+                pair_cell,
+                s.calls,
+                s.tokens,
+                f"{s.seconds:.1f}s",
+            ]
+        )
+    out += [
+        _table(
+            ["stage", "type", "records in", "records out", "pairs", "calls*", "tokens*", "time"],
+            rows,
+        ),
+        "",
+        "\\* model calls and tokens of the last invocation (a resumed run reuses earlier work).",
+        "",
+        img("funnel.png", "records and pairs per stage"),
+        "",
+    ]
+
+    reasons = stats.dropped_reasons()
+    out += [f"{hh} Dropped rows", ""]
+    if reasons:
+        out += [
+            _table(["stage", "reason", "rows"], [list(r) for r in reasons[:15]]),
+            "",
+            img("dropped.png", "top dropped reasons"),
+            "",
+        ]
+    else:
+        out += ["Nothing was dropped.", ""]
+    if stats.flags:
+        out += [
+            "Flagged (kept, marked in `annotations.flags`): "
+            + ", ".join(f"{k}: {v}" for k, v in stats.flags.most_common()),
+            "",
+        ]
+
+    out += [f"{hh} Failures", ""]
+    failures = []
+    if stats.input_errors:
+        first = stats.input_errors[0]
+        failures.append(
+            f"- {len(stats.input_errors)} malformed input row(s) skipped (first: row {first.get('row')}, "
+            f"{first.get('field')}: {first.get('message')}); listed in `errors.jsonl`"
+        )
+    for judge in stats.judges.values():
+        if judge.failed:
+            kinds = ", ".join(f"{k} ({n})" for k, n in judge.errors.most_common(3))
+            failures.append(
+                f"- judge `{judge.name}`: {judge.failed} of {judge.judgments} judgments failed: {kinds}"
+            )
+    out += (failures or ["No failures."]) + [""]
+
+    if stats.judges:
+        out += [f"{hh} Judge scores", ""]
+        rows = []
+        for judge in stats.judges.values():
+            mean, std = _mean_std(judge.scores)
+            rows.append(
+                [
+                    judge.name,
+                    "pairwise" if judge.pairwise else "pointwise",
+                    judge.judgments,
+                    judge.failed,
+                    mean,
+                    std,
+                    min(judge.scores, default=math.nan),
+                    max(judge.scores, default=math.nan),
+                ]
+            )
+        out += [
+            _table(["judge", "kind", "judgments", "failed", "mean", "std", "min", "max"], rows),
+            "",
+            img("scores.png", "judge score histograms"),
+            "",
+        ]
+    if stats.kappas:
+        out += [f"{hh} Agreement between judges", ""]
+        out += [
+            "For every pair of candidates of a prompt each judge implies a winner (or a tie); "
+            "Cohen's kappa corrects their raw agreement for chance (1: perfect, 0: chance level).",
+            "",
+            _table(
+                ["judge A", "judge B", "candidate pairs", "raw agreement", "Cohen's kappa"],
+                [
+                    [a, b, v["n"], v["agreement"], math.nan if v["kappa"] is None else v["kappa"]]
+                    for (a, b), v in sorted(stats.kappas.items())
+                ],
+            ),
+            "",
+            img("agreement.png", "kappa heatmap"),
+            "",
+        ]
+
+    if stats.pair_lengths:
+        chosen = [c for c, _, _ in stats.pair_lengths]
+        rejected = [r for _, r, _ in stats.pair_lengths]
+        margins = [m for _, _, m in stats.pair_lengths]
+        longer = sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(chosen)
+        out += [f"{hh} Pairs: lengths and margins", ""]
+        out += [
+            _table(
+                ["", "mean", "median", "min", "max"],
+                [
+                    [
+                        "chosen length (words)",
+                        _mean_std(chosen)[0],
+                        _median(chosen),
+                        min(chosen),
+                        max(chosen),
+                    ],
+                    [
+                        "rejected length (words)",
+                        _mean_std(rejected)[0],
+                        _median(rejected),
+                        min(rejected),
+                        max(rejected),
+                    ],
+                    ["margin", _mean_std(margins)[0], _median(margins), min(margins), max(margins)],
+                ],
+            ),
+            "",
+            f"The chosen response is the longer one in {longer:.0%} of the pairs.",
+            "",
+            img("lengths.png", "chosen vs rejected lengths"),
+            "",
+        ]
+
+    out += _filter_sections(stats, hh)
+
+    if stats.formats:
+        out += [f"{hh} Dataset formats", ""]
+        rows = [[f"`{name}`", info["rows"]] for name, info in stats.formats.items()]
+        out += [_table(["format", "rows"], rows), ""]
+        kto = stats.formats.get("kto", {}).get("balance")
+        if kto:
+            share = kto["desirable_share"]
+            line = (
+                f"KTO balance: {kto['desirable']} desirable vs {kto['undesirable']} undesirable "
+                f"({share:.0%} desirable)."
+            )
+            if "suggested_desirable_weight" in kto:
+                line += (
+                    f" Suggested `KTOConfig(desirable_weight={kto['suggested_desirable_weight']}, "
+                    "undesirable_weight=1.0)` to balance the classes."
+                )
+            out += [line, ""]
+    return "\n".join(line for line in _squeeze(out)) + "\n"
+
+
+def _filter_sections(stats: RunStats, hh: str) -> list[str]:
+    out = []
+    for s in stats.stages:
+        if s.type == "length_bias_filter":
+            ls = length_stats(s.counters)
+            if ls:
+                out += [f"{hh} Length-bias guard `{s.name}`", ""]
+                rows = [
+                    [
+                        when,
+                        v["pairs"],
+                        v["mean_chosen"],
+                        v["mean_rejected"],
+                        v["ratio_of_means"],
+                        f"{v['chosen_longer_share']:.0%}",
+                    ]
+                    for when, v in ls.items()
+                ]
+                out += [
+                    _table(
+                        ["", "pairs", "mean chosen", "mean rejected", "ratio", "chosen longer"],
+                        rows,
+                    ),
+                    "",
+                ]
+                flagged = s.counters.get("flagged:length_bias", 0)
+                dropped = s.counters.get("dropped:length_bias", 0)
+                out += [f"Dropped {dropped}, flagged {flagged} length-biased pair(s).", ""]
+        if s.type == "reliability_filter":
+            for key in s.counters:
+                m = _SELECTED.match(key)
+                if m:
+                    out += [
+                        f"{hh} Reliability filter `{s.name}`",
+                        "",
+                        f"Selected policy **{m['policy']}** on the gold set: agreement with the gold "
+                        f"labels {m['agree']} on {m['kept']} gold pairs kept (all pairs: "
+                        f"{m['base']}). Dropped {s.counters.get('dropped:unreliable_margin', 0) + s.counters.get('dropped:unreliable_band', 0)} "
+                        f"of {s.pairs_in or 0} run pairs.",
+                        "",
+                    ]
+        if s.type == "consistency_filter":
+            per = {}
+            for key, n in s.counters.items():
+                if key.startswith("judge:"):
+                    _, judge, status = key.split(":", 2)
+                    per.setdefault(judge, {})[status] = n
+            if per:
+                statuses = sorted({st for v in per.values() for st in v})
+                out += [f"{hh} Consistency filter `{s.name}`", ""]
+                out += [
+                    _table(
+                        ["judge", *statuses],
+                        [[j, *(v.get(st, 0) for st in statuses)] for j, v in per.items()],
+                    ),
+                    "",
+                    f"Kept {s.counters.get('kept', 0)} of {s.pairs_in or 0} pairs.",
+                    "",
+                ]
+    return out
+
+
+def _squeeze(lines: list[str]) -> list[str]:
+    """Drop empty image lines and repeated blank lines."""
+    out: list[str] = []
+    for line in lines:
+        if line == "" and out and out[-1] == "":
+            continue
+        out.append(line)
+    return out
