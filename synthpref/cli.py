@@ -26,10 +26,21 @@ def _load(recipe: Path):
     from synthpref.recipes.loader import RecipeError, load_recipe
 
     try:
-        return load_recipe(recipe)
+        loaded = load_recipe(recipe)
     except RecipeError as exc:
         console.print(f"[red]{exc}[/]", highlight=False)
         raise typer.Exit(2) from None
+    for warning in loaded.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    from synthpref.export.needs import recipe_problems
+
+    problems = recipe_problems(loaded.recipe.output.formats, loaded.stages)
+    if problems:
+        console.print(f"[red]invalid recipe {recipe}:[/]", highlight=False)
+        for problem in problems:
+            console.print(f"  - {problem}", highlight=False)
+        raise typer.Exit(2)
+    return loaded
 
 
 @app.command()
@@ -153,6 +164,110 @@ def backends() -> None:
         for p, d in _params(cls).items():
             if p != "backend":
                 out.print(f"    {p}: {d['type']} = {d['default']}  {d['help']}", highlight=False)
+
+
+@app.command("eval-judges")
+def eval_judges(
+    recipe: RecipeArg,
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help="labelled pairs (prompt, chosen, rejected[, subset, id]): .jsonl/.json/.parquet/"
+            ".csv, a saved datasets directory, or a Hub dataset name",
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="default: <output.dir>/eval-judges/<data-stem>/"),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="judge only the first N pairs")] = None,
+    subset: Annotated[
+        list[str] | None, typer.Option("--subset", help="only this subset (repeatable)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the A/B order and the random baseline")] = 0,
+    split: Annotated[str, typer.Option(help="split of a datasets dataset")] = "train",
+    fresh: Annotated[bool, typer.Option("--fresh", help="discard checkpoints and cache")] = False,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Measure a recipe's judges against human-labelled preference pairs (accuracy, ties, kappa)."""
+    from synthpref.evaluation import EvalError, evaluate_judges
+    from synthpref.evaluation.report import print_report
+    from synthpref.executor.local import RunError
+    from synthpref.recipes.loader import RecipeError, load_recipe
+    from synthpref.sources import SourceError
+
+    try:
+        loaded = load_recipe(recipe)  # not _load: its self-preference warnings concern generators
+    except RecipeError as exc:
+        console.print(f"[red]{exc}[/]", highlight=False)
+        raise typer.Exit(2) from None
+    try:
+        result = evaluate_judges(
+            loaded,
+            data,
+            output=output,
+            limit=limit,
+            subsets=subset or None,
+            seed=seed,
+            split=split,
+            fresh=fresh,
+            console=console,
+            progress=progress,
+        )
+    except (EvalError, RunError, SourceError) as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    print_report(result.report, out, result.files)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a finished run directory")]) -> None:
+    """Write the run report (Markdown, JSON and PNG figures) into RUN_DIR/report/."""
+    from synthpref.report import ReportError, build_report
+
+    try:
+        result = build_report(run_dir)
+    except ReportError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"report: {result.markdown} ({len(result.figures)} figures)")
+
+
+@app.command()
+def push(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    repo_id: Annotated[str, typer.Argument(help="dataset repository, e.g. my-org/my-prefs")],
+    private: Annotated[bool, typer.Option("--private", help="create the repo as private")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="only write the folder that would be uploaded")
+    ] = False,
+    folder: Annotated[
+        Path | None, typer.Option(help="--dry-run's folder (default: RUN_DIR/hub-upload)")
+    ] = None,
+    fmt: Annotated[
+        list[str] | None,
+        typer.Option("--format", help="format to upload (repeatable; default: the run's formats)"),
+    ] = None,
+    license: Annotated[str, typer.Option(help="license id for the card")] = "other",
+) -> None:
+    """Upload a run to the Hugging Face Hub: Parquet data, dataset card, recipe and report."""
+    from synthpref.hub import PushError
+    from synthpref.hub import push as push_run
+
+    try:
+        result = push_run(
+            run_dir, repo_id, private=private, dry_run=dry_run, folder=folder, formats=fmt,
+            license=license,
+        )  # fmt: skip
+    except PushError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    rows = ", ".join(f"{k}: {v}" for k, v in result.formats.items())
+    if result.dry_run:
+        console.print(f"dry run: {len(result.files)} files in {result.folder} ({rows})")
+    else:
+        console.print(f"pushed {len(result.files)} files to {result.url} ({rows})")
 
 
 def main() -> None:

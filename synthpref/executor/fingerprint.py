@@ -25,7 +25,9 @@ def digest(obj: Any) -> str:
 def input_fingerprint(records: list[Record], shard_size: int) -> str:
     h = hashlib.sha256(str(shard_size).encode())
     for r in records:
-        h.update(r.model_dump_json(include={"id", "prompt", "metadata"}).encode())
+        # pre-filled candidates (eval-judges) are input too; records without any hash as before
+        fields = {"id", "prompt", "metadata"} | ({"candidates"} if r.candidates else set())
+        h.update(r.model_dump_json(include=fields).encode())
     return h.hexdigest()
 
 

@@ -80,8 +80,12 @@ class LocalExecutor:
         fresh: bool = False,
         console: Console | None = None,
         progress: bool = True,
+        records: list[Record] | None = None,
+        input_errors: list[InputError] | None = None,
     ) -> None:
         self.loaded = loaded
+        self.records = records  # pre-built records instead of the recipe's source (eval-judges)
+        self.input_errors = input_errors
         self.recipe = loaded.recipe
         self.run_dir = run_dir or self.recipe.resolve(self.recipe.output.dir)
         self.fresh = fresh
@@ -110,7 +114,10 @@ class LocalExecutor:
                     target.unlink(missing_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
-        records, errors = load_records(self.recipe)
+        if self.records is not None:
+            records, errors = list(self.records), list(self.input_errors or [])
+        else:
+            records, errors = load_records(self.recipe)
         self._write_errors(errors)
         if errors and self.recipe.settings.on_error == "stop":
             raise RunError(
@@ -123,6 +130,11 @@ class LocalExecutor:
             self.console.print(f"[yellow]skipped input {e}[/]")
 
         stages = self.loaded.stages
+        for s in stages:  # run-level pre-pass (e.g. de-duplication across shards), before any shard
+            try:
+                s.prepare(records, self.recipe)
+            except (OSError, ValueError) as exc:
+                raise RunError(f"stage {s.name!r} ({s.type_name}): {exc}") from exc
         size = self.recipe.settings.shard_size
         shards = [records[k : k + size] for k in range(0, len(records), size)]
         input_fp = input_fingerprint(records, size)
