@@ -19,7 +19,12 @@ class TransformersSpec(ModelSpec):
     model: str = Field(description="model directory or hub id")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", json_schema_extra=VOLATILE)
-    batch_size: int = Field(8, ge=1, json_schema_extra=VOLATILE)
+    batch_size: int = Field(
+        32,
+        ge=1,
+        json_schema_extra=VOLATILE,
+        description="sequences per forward pass; on CPU, 32 decodes ~2.5x the tokens/s of 8",
+    )
     max_context: int | None = Field(None, ge=1)
     trust_remote_code: bool = False
 
