@@ -16,6 +16,7 @@ from pydantic import Field
 from synthpref.backends.client import ModelClient
 from synthpref.backends.types import Completion, GenerationRequest, SamplingParams
 from synthpref.judges.parsing import ParseError
+from synthpref.records import Message
 from synthpref.stages.base import Stage, StageParams
 
 T = TypeVar("T")
@@ -43,6 +44,29 @@ class JudgeParams(StageParams):
 
 
 _SAMPLE_SEED_STRIDE = 1_000_003
+
+
+def judge_request(
+    text: str,
+    prefill: str = "",
+    *,
+    top_logprobs: int = 0,
+    json_schema: dict[str, Any] | None = None,
+) -> GenerationRequest:
+    """One user turn holding the rendered judge prompt, with the reply's start pre-filled when given.
+
+    Pre-filling ("Rating:", "1.") makes even a small model answer in the expected form; the backend
+    then continues the assistant turn instead of opening a new one.
+    """
+    messages = [Message(role="user", content=text)]
+    if prefill:
+        messages.append(Message(role="assistant", content=prefill))
+    return GenerationRequest(
+        messages=messages,
+        continue_final_message=bool(prefill),
+        top_logprobs=top_logprobs,
+        json_schema=json_schema,
+    )
 
 
 @dataclass

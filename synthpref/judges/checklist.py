@@ -26,12 +26,11 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from synthpref.backends.client import ModelClient
-from synthpref.backends.types import Completion, GenerationRequest
-from synthpref.judges.base import JudgeParams, JudgeStage, ask_until_parsed
-from synthpref.judges.pairwise import _json_object
-from synthpref.judges.parsing import ParseError
+from synthpref.backends.types import Completion
+from synthpref.judges.base import JudgeParams, JudgeStage, ask_until_parsed, judge_request
+from synthpref.judges.parsing import ParseError, json_object
 from synthpref.judges.rubric import _instruction
-from synthpref.records import Judgment, Message, Record
+from synthpref.records import Judgment, Record
 from synthpref.stages.base import Stage
 from synthpref.stages.registry import register_stage
 from synthpref.templates import Template, load_template
@@ -138,14 +137,9 @@ class ChecklistWriter(Stage):
                 max_questions=self.params.max_questions,
                 json_output=json_output,
             )
-            messages = [Message(role="user", content=text)]
-            if prefill:
-                messages.append(Message(role="assistant", content=prefill))
             requests.append(
-                GenerationRequest(
-                    messages=messages,
-                    continue_final_message=bool(prefill),
-                    json_schema=self.json_schema() if json_output else None,
+                judge_request(
+                    text, prefill, json_schema=self.json_schema() if json_output else None
                 )
             )
 
@@ -233,7 +227,7 @@ def parse_checklist(text: str, min_questions: int = 2) -> list[str]:
 
 
 def _json_value(text: str) -> Any:
-    obj = _json_object(text)
+    obj = json_object(text)
     if obj is not None:
         return obj
     start, end = text.find("["), text.rfind("]")
@@ -327,13 +321,10 @@ class ChecklistJudge(JudgeStage):
                         question=question,
                         json_output=json_output,
                     )
-                    messages = [Message(role="user", content=text)]
-                    if prefill:
-                        messages.append(Message(role="assistant", content=prefill))
                     requests.append(
-                        GenerationRequest(
-                            messages=messages,
-                            continue_final_message=bool(prefill),
+                        judge_request(
+                            text,
+                            prefill,
                             top_logprobs=20 if soft else 0,
                             json_schema=schema if json_output else None,
                         )
@@ -415,7 +406,7 @@ _ANSWER_LABEL = re.compile(r"answer\s*\**\s*[:=]\s*", re.IGNORECASE)
 def parse_yes_no(text: str) -> bool:
     """YES or NO from JSON ``{"answer": "YES"}``, a labelled ``Answer: no`` or a reply that starts
     with the word; anything else (including a yes or no buried in a sentence) is a ParseError."""
-    obj = _json_object(text)
+    obj = json_object(text)
     if obj is not None and isinstance(obj.get("answer"), str):
         value = obj["answer"].strip().upper()
         if value in ("YES", "NO"):

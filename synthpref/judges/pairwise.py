@@ -7,8 +7,9 @@ evidence), and the orders are averaged so the position preference cancels. Wheth
 the same winner is recorded on every judgment, so a dataset can keep only consistent pairs.
 
 Verdicts use WildBench's five levels, A++ / A+ / A=B / B+ / B++, worth +1, +0.5, 0, -0.5, -1 for A.
-WildBench's length rule is available (off by default): a *slight* win (A+ or B+) by a response longer
-than the other by more than ``length_rule_chars`` characters is turned into a tie. How many verdicts the
+WildBench's length rule is on by default (K = 500 characters, WildBench's value): a *slight* win (A+ or
+B+) by a response longer than the other by more than ``length_rule_chars`` characters is turned into a
+tie, so a judge's taste for long answers cannot decide close calls. How many verdicts the
 rule changed is counted per judgment (details) and per stage (counters).
 
 ``Judgment.score`` is the preference for ``candidate_ids[0]`` in [-1, 1]: the mean of the two orders'
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -35,11 +35,11 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from synthpref.backends.types import Completion, GenerationRequest
-from synthpref.judges.base import Answer, JudgeParams, JudgeStage, ask_until_parsed
-from synthpref.judges.parsing import ParseError
+from synthpref.judges.base import Answer, JudgeParams, JudgeStage, ask_until_parsed, judge_request
+from synthpref.judges.parsing import ParseError, clip, json_object
 from synthpref.judges.rubric import _instruction
 from synthpref.metrics import sign
-from synthpref.records import Candidate, Judgment, Message, Record
+from synthpref.records import Candidate, Judgment, Record
 from synthpref.stages.registry import register_stage
 from synthpref.templates import Template, load_template
 
@@ -82,10 +82,11 @@ class PairwiseParams(TwoOrderParams):
         "helpfulness, accuracy and faithfulness to the instruction",
     )
     length_rule_chars: int | None = Field(
-        None,
+        500,
         ge=0,
-        description="WildBench's length rule: a slight win (A+/B+) by a response longer than the "
-        "other by more than this many characters counts as a tie; null: off",
+        description="WildBench's length rule (on by default, WildBench's K=500): a slight win "
+        "(A+/B+) by a response longer than the other by more than this many characters counts as "
+        "a tie; null: off",
     )
 
 
@@ -197,13 +198,8 @@ class TwoOrderJudge(JudgeStage):
                 for order in ORDERS:
                     a, b = (x, y) if order == "ab" else (y, x)
                     text = self.render(record, a.text, b.text, json_output)
-                    messages = [Message(role="user", content=text)]
-                    if prefill:
-                        messages.append(Message(role="assistant", content=prefill))
-                    request = GenerationRequest(
-                        messages=messages,
-                        continue_final_message=bool(prefill),
-                        json_schema=self.json_schema() if json_output else None,
+                    request = judge_request(
+                        text, prefill, json_schema=self.json_schema() if json_output else None
                     )
                     for s in range(self.params.samples):
                         units.append(_Unit(record, x, y, order, s))
@@ -385,7 +381,7 @@ def parse_five_level(text: str) -> Verdict:
     A labelled verdict (``Verdict: A+``) wins over other mentions; an unlabelled reply must name one
     verdict only. A bare ``A`` or ``B`` has no strength and is rejected.
     """
-    obj = _json_object(text)
+    obj = json_object(text)
     if obj is not None:
         for key in _JSON_KEYS:
             value = obj.get(key)
@@ -410,7 +406,7 @@ def _find_label(text: str, token_re: re.Pattern, normalise, expected: str) -> st
             if label and others:
                 raise ParseError(
                     f"the verdict line names several verdicts ({', '.join(sorted({label, *others}))})"
-                    f": {_clip(text)!r}"
+                    f": {clip(text)!r}"
                 )
             if label:
                 return label
@@ -422,10 +418,10 @@ def _find_label(text: str, token_re: re.Pattern, normalise, expected: str) -> st
         if bare:
             raise ParseError(
                 f"verdict {bare.group(1)!r} gives no strength; expected one of {expected}: "
-                f"{_clip(text)!r}"
+                f"{clip(text)!r}"
             )
-        raise ParseError(f"no verdict ({expected}) found in {_clip(text)!r}")
-    raise ParseError(f"several verdicts ({', '.join(sorted(found))}) in {_clip(text)!r}")
+        raise ParseError(f"no verdict ({expected}) found in {clip(text)!r}")
+    raise ParseError(f"several verdicts ({', '.join(sorted(found))}) in {clip(text)!r}")
 
 
 def _reason(text: str) -> str:
@@ -434,18 +430,3 @@ def _reason(text: str) -> str:
         return ""
     end = _LABEL.search(text, m.end())
     return text[m.end() : end.start() if end else None].strip()
-
-
-def _json_object(text: str) -> dict | None:
-    start, end = text.find("{"), text.rfind("}")
-    if start < 0 or end <= start:
-        return None
-    try:
-        obj = json.loads(text[start : end + 1])
-    except json.JSONDecodeError:
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def _clip(text: str, n: int = 160) -> str:
-    return text if len(text) <= n else text[:n] + "…"

@@ -30,7 +30,7 @@ _RATIONALE = re.compile(
 def parse_rating(text: str, low: int = 1, high: int = 5) -> tuple[float, str]:
     """Return (rating, rationale) from a judge's reply, or raise ParseError."""
     candidates: list[tuple[float, int | None]] = []
-    obj = _json_object(text)
+    obj = json_object(text)
     if obj is not None:
         for key in ("rating", "score", "grade"):
             if isinstance(obj.get(key), int | float) and not isinstance(obj.get(key), bool):
@@ -45,16 +45,16 @@ def parse_rating(text: str, low: int = 1, high: int = 5) -> tuple[float, str]:
             candidates.append((float(m.group(1)), scale))
             break
     if not candidates:
-        raise ParseError(f"no rating found in {_clip(text)!r}")
+        raise ParseError(f"no rating found in {clip(text)!r}")
     value, scale = candidates[0]
     if scale is not None and scale != high:
-        raise ParseError(f"rating given out of {scale}, expected out of {high}: {_clip(text)!r}")
+        raise ParseError(f"rating given out of {scale}, expected out of {high}: {clip(text)!r}")
     return _in_range(value, low, high, text), _rationale(text)
 
 
 def _in_range(value: float, low: int, high: int, text: str) -> float:
     if not low <= value <= high:
-        raise ParseError(f"rating {value:g} is outside {low}-{high}: {_clip(text)!r}")
+        raise ParseError(f"rating {value:g} is outside {low}-{high}: {clip(text)!r}")
     return value
 
 
@@ -63,7 +63,8 @@ def _rationale(text: str) -> str:
     return (m.group(1) if m else "").strip()
 
 
-def _json_object(text: str) -> dict | None:
+def json_object(text: str) -> dict | None:
+    """The outermost {...} of a reply as a dict, or None: models wrap JSON in prose and fences."""
     start, end = text.find("{"), text.rfind("}")
     if start < 0 or end <= start:
         return None
@@ -74,7 +75,7 @@ def _json_object(text: str) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _clip(text: str, n: int = 160) -> str:
+def clip(text: str, n: int = 160) -> str:
     return text if len(text) <= n else text[:n] + "…"
 
 

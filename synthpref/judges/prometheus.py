@@ -30,12 +30,12 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from synthpref.backends.types import Completion, GenerationRequest
-from synthpref.judges.base import JudgeParams, JudgeStage, ask_until_parsed
-from synthpref.judges.pairwise import TwoOrderJudge, TwoOrderParams, Verdict, _json_object
-from synthpref.judges.parsing import ParseError, expected_rating
+from synthpref.backends.types import Completion
+from synthpref.judges.base import JudgeParams, JudgeStage, ask_until_parsed, judge_request
+from synthpref.judges.pairwise import TwoOrderJudge, TwoOrderParams, Verdict
+from synthpref.judges.parsing import ParseError, expected_rating, json_object
 from synthpref.judges.rubric import _instruction
-from synthpref.records import Judgment, Message, Record
+from synthpref.records import Judgment, Record
 from synthpref.stages.base import StageParams
 from synthpref.stages.registry import register_stage
 from synthpref.templates import Template, load_template
@@ -203,13 +203,10 @@ class AbsoluteJudge(JudgeStage):
                     reasoning=self.params.reasoning,
                     json_output=json_output,
                 )
-                messages = [Message(role="user", content=text)]
-                if prefill:
-                    messages.append(Message(role="assistant", content=prefill))
                 requests.append(
-                    GenerationRequest(
-                        messages=messages,
-                        continue_final_message=bool(prefill),
+                    judge_request(
+                        text,
+                        prefill,
                         top_logprobs=20 if weighted else 0,
                         json_schema=self.json_schema() if json_output else None,
                     )
@@ -285,7 +282,7 @@ def parse_result_score(
     (``/5`` allowed), and, only when the result was asked for first, a bare leading number. A reply
     that reasons first may mention numbers ("1. The response ..."), so a bare number is not read then.
     """
-    obj = _json_object(text)
+    obj = json_object(text)
     if obj is not None:
         for key in ("score", "result", "rating"):
             value = obj.get(key)
@@ -389,7 +386,7 @@ _AB_LABEL = re.compile(
 def parse_ab(text: str) -> Verdict:
     """A or B from ``[RESULT] A``, JSON ``{"verdict": "A"}`` or a labelled ``Verdict: B``; else
     ParseError. Prose such as "Response A is better" is not read: it is too easy to misread."""
-    obj = _json_object(text)
+    obj = json_object(text)
     if obj is not None:
         for key in ("verdict", "result", "winner", "choice"):
             value = obj.get(key)

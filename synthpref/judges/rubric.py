@@ -13,10 +13,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from synthpref.backends.types import Completion, GenerationRequest
-from synthpref.judges.base import JudgeParams, JudgeStage, ask_until_parsed
+from synthpref.backends.types import Completion
+from synthpref.judges.base import JudgeParams, JudgeStage, ask_until_parsed, judge_request
 from synthpref.judges.parsing import expected_rating, parse_rating
-from synthpref.records import Judgment, Message, Record
+from synthpref.records import Judgment, Record
 from synthpref.stages.registry import register_stage
 from synthpref.templates import load_template
 
@@ -79,15 +79,8 @@ class RubricJudge(JudgeStage):
             for cand in record.candidates:
                 for aspect in self.params.aspects:
                     text = self.template(aspect).render(instruction=instruction, response=cand.text)
-                    messages = [Message(role="user", content=text)]
-                    if prefill:
-                        messages.append(Message(role="assistant", content=prefill))
                     requests.append(
-                        GenerationRequest(
-                            messages=messages,
-                            continue_final_message=bool(prefill),
-                            top_logprobs=20 if weighted else 0,
-                        )
+                        judge_request(text, prefill or "", top_logprobs=20 if weighted else 0)
                     )
                     units.append((record, cand, aspect))
         answers = await ask_until_parsed(
