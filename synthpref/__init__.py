@@ -45,10 +45,25 @@ def run(
     fresh: bool = False,
     output: str | Path | None = None,
     progress: bool = True,
+    executor: str = "local",
+    address: str | None = None,
+    workers: int | None = None,
 ) -> RunResult:
-    """Run a recipe (a YAML path or an already-parsed mapping); resumes unless ``fresh``."""
-    from synthpref.executor.local import LocalExecutor
+    """Run a recipe (a YAML path or an already-parsed mapping); resumes unless ``fresh``.
+
+    ``executor="ray"`` spreads shards over Ray actors (``pip install 'synthpref[ray]'``): ``address``
+    of an existing cluster (``"auto"``, ``"ray://host:10001"``; default: start a local one) and
+    ``workers``, the number of model replicas (default: one per GPU, else one per node)."""
+    from synthpref.executor import create_executor
 
     loaded = parse_recipe(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
     run_dir = Path(output) if output is not None else None
-    return LocalExecutor(loaded, run_dir=run_dir, fresh=fresh, progress=progress).run()
+    return create_executor(
+        loaded,
+        executor,
+        address=address,
+        workers=workers,
+        run_dir=run_dir,
+        fresh=fresh,
+        progress=progress,
+    ).run()

@@ -53,17 +53,45 @@ def run(
         Path | None, typer.Option("--output", "-o", help="run directory (overrides output.dir)")
     ] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    executor: Annotated[
+        str,
+        typer.Option(
+            "--executor",
+            help="local: one process; ray: shards over Ray actors (pip install 'synthpref[ray]')",
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="ray: cluster to join (auto, ray://host:10001); default: start a local one"
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="ray: model replicas (default: one per GPU, else one per node)"),
+    ] = None,
 ) -> None:
-    """Run a recipe. Rerunning the same command resumes where it stopped."""
-    from synthpref.executor.local import LocalExecutor, RunError
+    """Run a recipe. Rerunning the same command resumes where it stopped (with either executor)."""
+    from synthpref.executor import EXECUTORS, create_executor
+    from synthpref.executor.local import RunError
     from synthpref.sources import SourceError
 
+    if executor not in EXECUTORS:
+        raise typer.BadParameter(f"choose one of {', '.join(EXECUTORS)}", param_hint="--executor")
+    if executor != "ray" and (address is not None or workers is not None):
+        raise typer.BadParameter("--address and --workers need --executor ray")
     loaded = _load(recipe)
-    executor = LocalExecutor(
-        loaded, run_dir=output, fresh=fresh, console=console, progress=progress
-    )
     try:
-        result = executor.run()
+        result = create_executor(
+            loaded,
+            executor,
+            address=address,
+            workers=workers,
+            run_dir=output,
+            fresh=fresh,
+            console=console,
+            progress=progress,
+        ).run()
     except (RunError, SourceError) as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
