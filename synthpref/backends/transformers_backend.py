@@ -280,17 +280,8 @@ class TransformersBackend(Backend):
             ).last_hidden_state
             results = []
             for b, r in enumerate(batch):
-                logits = head(hidden[b, r.start - 1 : r.end - 1]).float()
-                if cap:
-                    logits = torch.tanh(logits / cap) * cap
-                targets = torch.tensor(r.token_ids[r.start : r.end], device=logits.device)
-                lp = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
                 results.append(
-                    ScoreResult(
-                        token_logprobs=lp.tolist(),
-                        tokens=tok.convert_ids_to_tokens(r.token_ids[r.start : r.end]),
-                        truncated_tokens=r.truncated_tokens,
-                    )
+                    _segment_result(head, cap, tok, hidden[b, r.start - 1 : r.end - 1], r)
                 )
         return results
 
@@ -368,20 +359,31 @@ class TransformersBackend(Backend):
                 for b, r in enumerate(chunk):
                     # row j of `states` is position p - 1 + j of the full sequence
                     states = torch.cat([last, hidden[b]], dim=0)
-                    logits = head(states[r.start - p : r.end - p]).float()
-                    if cap:
-                        logits = torch.tanh(logits / cap) * cap
-                    targets = torch.tensor(r.token_ids[r.start : r.end], device=logits.device)
-                    lp = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
                     results.append(
-                        ScoreResult(
-                            token_logprobs=lp.tolist(),
-                            tokens=tok.convert_ids_to_tokens(r.token_ids[r.start : r.end]),
-                            truncated_tokens=r.truncated_tokens,
-                        )
+                        _segment_result(head, cap, tok, states[r.start - p : r.end - p], r)
                     )
                 del cache
         return results
+
+
+def _segment_result(head, cap, tok, states, r) -> ScoreResult:
+    """Log-probabilities of a segment's tokens from the hidden states that predict them.
+
+    The output head runs on these rows only: a full-vocabulary projection of every position would
+    dominate the cost of scoring long conversations.
+    """
+    import torch
+
+    logits = head(states).float()
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    targets = torch.tensor(r.token_ids[r.start : r.end], device=logits.device)
+    lp = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    return ScoreResult(
+        token_logprobs=lp.tolist(),
+        tokens=tok.convert_ids_to_tokens(r.token_ids[r.start : r.end]),
+        truncated_tokens=r.truncated_tokens,
+    )
 
 
 def plan_shared_prefixes(
