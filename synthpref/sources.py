@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 from pydantic import ValidationError
@@ -44,7 +45,28 @@ def load_records(recipe: Recipe) -> tuple[list[Record], list[InputError]]:
 def rows_to_records(
     rows: list[tuple[int, Any]], source: SourceSpec
 ) -> tuple[list[Record], list[InputError]]:
-    records: list[Record] = []
+    field = source.id_field or source.prompt_field
+
+    def duplicate(row: Any, record: Record, first: int) -> tuple[str, str]:
+        return field, f"duplicate of row {first} (id {record.id!r})"
+
+    return convert_rows(rows, lambda n, row: _record(n, row, source), duplicate)
+
+
+T = TypeVar("T")
+
+
+def convert_rows(
+    rows: Sequence[tuple[int, Any]],
+    convert: Callable[[int, Any], T],
+    duplicate: Callable[[Any, T, int], tuple[str, str]],
+) -> tuple[list[T], list[InputError]]:
+    """Turn numbered rows into items with an ``id``, collecting every bad row instead of stopping.
+
+    ``convert`` raises ``_RowError`` for a malformed row; ``duplicate(row, item, first_row)`` names
+    the field and message for an item whose id an earlier row already took (the first one is kept).
+    """
+    items: list[T] = []
     errors: list[InputError] = []
     seen: dict[str, int] = {}
     for row_no, row in rows:
@@ -52,19 +74,16 @@ def rows_to_records(
             errors.append(row)
             continue
         try:
-            record = _record(row_no, row, source)
+            item = convert(row_no, row)
         except _RowError as exc:
             errors.append(InputError(row_no, exc.field, exc.message))
             continue
-        if record.id in seen:
-            field = source.id_field or source.prompt_field
-            errors.append(
-                InputError(row_no, field, f"duplicate of row {seen[record.id]} (id {record.id!r})")
-            )
+        if item.id in seen:
+            errors.append(InputError(row_no, *duplicate(row, item, seen[item.id])))
             continue
-        seen[record.id] = row_no
-        records.append(record)
-    return records, errors
+        seen[item.id] = row_no
+        items.append(item)
+    return items, errors
 
 
 class _RowError(Exception):

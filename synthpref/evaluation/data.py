@@ -28,7 +28,14 @@ from typing import Any
 
 from synthpref.recipes.schema import SourceSpec
 from synthpref.records import Candidate, Message, Record
-from synthpref.sources import InputError, SourceError, _messages, _read_rows, _RowError
+from synthpref.sources import (
+    InputError,
+    SourceError,
+    _messages,
+    _read_rows,
+    _RowError,
+    convert_rows,
+)
 
 NO_SUBSET = "(none)"
 FIRST, SECOND = "A", "B"
@@ -111,26 +118,12 @@ def load_pairs(
 
 
 def rows_to_pairs(rows: Sequence[tuple[int, Any]]) -> tuple[list[LabelledPair], list[InputError]]:
-    pairs: list[LabelledPair] = []
-    errors: list[InputError] = []
-    seen: dict[str, int] = {}
-    for row_no, row in rows:
-        if isinstance(row, InputError):
-            errors.append(row)
-            continue
-        try:
-            pair = _pair(row_no, row)
-        except _RowError as exc:
-            errors.append(InputError(row_no, exc.field, exc.message))
-            continue
-        if pair.id in seen:
-            where = "id" if isinstance(row, dict) and row.get("id") not in (None, "") else "<row>"
-            what = f"id {pair.id!r}" if where == "id" else "the same prompt, chosen and rejected"
-            errors.append(InputError(row_no, where, f"duplicate of row {seen[pair.id]} ({what})"))
-            continue
-        seen[pair.id] = row_no
-        pairs.append(pair)
-    return pairs, errors
+    def duplicate(row: Any, pair: LabelledPair, first: int) -> tuple[str, str]:
+        where = "id" if isinstance(row, dict) and row.get("id") not in (None, "") else "<row>"
+        what = f"id {pair.id!r}" if where == "id" else "the same prompt, chosen and rejected"
+        return where, f"duplicate of row {first} ({what})"
+
+    return convert_rows(rows, _pair, duplicate)
 
 
 def _pair(row_no: int, row: Any) -> LabelledPair:
