@@ -5,7 +5,8 @@ time, so what a run holds at once is one shard per stage (plus the input prompts
 every record. This runs the same cheap recipe (embedded model, `generate` with a few tokens per
 prompt, a large shard, records export) on synthetic prompts at each size, each size in a fresh
 subprocess, and prints that process's peak RSS (ru_maxrss), its RSS once the model is loaded, and
-the growth between the two; then the ratios against the smallest size. Target: peak RSS at 10,000
+the growth between the two, and the highest RSS in each tenth of the run (flat over time if nothing
+builds up); then the ratios against the smallest size. Target: peak RSS at 10,000
 prompts within ~10% of that at 1,000.
 
     SYNTHPREF_CACHE=/tmp/spc python benchmarks/memory.py --sizes 1000 10000
@@ -20,6 +21,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -76,9 +78,20 @@ def job(cfg: dict, out_path: str) -> None:
         loaded = parse_recipe(recipe)
         base_rss = rss_now_kib()
         base_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        samples: list[int] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.25):
+                samples.append(rss_now_kib())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         t0 = time.perf_counter()
         result = LocalExecutor(loaded, progress=False).run()
         seconds = time.perf_counter() - t0
+        done.set()
+        sampler.join()
         records_out = result.stages[-1].records_out
     out = {
         "prompts": cfg["prompts"],
@@ -88,6 +101,11 @@ def job(cfg: dict, out_path: str) -> None:
         "base_peak_kib": base_peak,
         "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "end_rss_kib": rss_now_kib(),
+        # highest RSS seen in each tenth of the run: flat if memory does not build up over time
+        "tenths_kib": [
+            max(samples[k * len(samples) // 10 : (k + 1) * len(samples) // 10] or [0])
+            for k in range(10)
+        ],
     }
     Path(out_path).write_text(json.dumps(out))
 
@@ -134,6 +152,8 @@ def main() -> None:
             f"{r['records_out']} records",
             flush=True,
         )
+        tenths = " ".join(f"{k / 1024:.0f}" for k in r["tenths_kib"])
+        print(f"{'':>16}highest RSS in each tenth of the run (MiB): {tenths}", flush=True)
     first = results[0]
     for r in results[1:]:
         grow_first = first["peak_kib"] - first["base_rss_kib"]

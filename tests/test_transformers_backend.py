@@ -134,3 +134,65 @@ def test_prefill_continues_the_assistant_message(backend):
     )
     assert backend.render_prompt(request).endswith("Rating:")
     assert asyncio.run(backend.generate([request]))[0].completions[0].text
+
+
+def test_shared_prefix_generation_matches_unshared(backend):
+    """Judge prompts share their rubric: the batch runs it once, and nothing else changes."""
+    rubric = (
+        "You are grading one AI assistant response on a single aspect: helpfulness. Score from 1 "
+        "to 5, where 1 is off-topic and 5 fully addresses the request.\n\n[Response]\n"
+    )
+    responses = ["Paris.", "The capital is Lyon.", "Paris, on the Seine.", "I am not sure."]
+    requests = [
+        GenerationRequest(
+            messages=[
+                Message(role="user", content=rubric + r + "\n[End of response]"),
+                Message(role="assistant", content="Rating:"),
+            ],
+            params=SamplingParams(temperature=0, max_tokens=6),
+            continue_final_message=True,
+            top_logprobs=3,
+        )
+        for r in responses
+    ]
+    shared_rows = []
+    original = backend._generation_inputs
+
+    def spy(ids, n):
+        inputs = original(ids, n)
+        if "past_key_values" in inputs:
+            shared_rows.append(inputs["past_key_values"].get_seq_length())
+        return inputs
+
+    backend._generation_inputs = spy
+    try:
+        shared = asyncio.run(backend.generate(requests))
+        backend.prefix_sharing = False
+        plain = asyncio.run(backend.generate(requests))
+    finally:
+        del backend._generation_inputs
+        del backend.prefix_sharing
+    assert shared_rows and shared_rows[0] >= 30  # the rubric's tokens ran once
+    assert len(shared_rows) == 1  # the unshared run built no prefix cache
+    for a, b in zip(shared, plain, strict=True):
+        assert a.prompt_tokens == b.prompt_tokens
+        ca, cb = a.completions[0], b.completions[0]
+        assert ca.text == cb.text and ca.finish_reason == cb.finish_reason
+        for x, y in zip(ca.top_logprobs, cb.top_logprobs, strict=True):
+            for token in x.keys() & y.keys():
+                assert x[token] == pytest.approx(y[token], abs=1e-3)
+
+
+def test_shared_prefix_sampling_is_reproducible(backend):
+    """n samples per prompt on a shared prefix: each row is its own sample, reproducibly."""
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=3)
+    system = Message(role="system", content="You are a terse assistant. " * 6)
+    requests = [
+        GenerationRequest(messages=[system, Message(role="user", content=q)], params=params)
+        for q in ("Name a river.", "Name a mountain.", "Name a city.")
+    ]
+    first = asyncio.run(backend.generate(requests))
+    assert first == asyncio.run(backend.generate(requests))
+    assert all(len(r.completions) == 2 for r in first)
+    texts = [c.text for r in first for c in r.completions]
+    assert len(set(texts)) > 1
