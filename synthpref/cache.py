@@ -15,6 +15,20 @@ import time
 from pathlib import Path
 
 
+def fetch_results(db: sqlite3.Connection, keys: list[str]) -> dict[str, str]:
+    """The cached values of ``keys`` found in ``db``'s results table.
+
+    Queried 500 keys at a time: SQLite caps the number of bound parameters per statement.
+    """
+    out: dict[str, str] = {}
+    for k in range(0, len(keys), 500):
+        chunk = keys[k : k + 500]
+        marks = ",".join("?" * len(chunk))
+        rows = db.execute(f"SELECT key, value FROM results WHERE key IN ({marks})", chunk)
+        out.update(rows.fetchall())
+    return out
+
+
 class RequestCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -29,16 +43,8 @@ class RequestCache:
         self._db.execute("CREATE TABLE IF NOT EXISTS journal (key TEXT, pid INTEGER, created REAL)")
 
     def get_many(self, keys: list[str]) -> dict[str, str]:
-        out: dict[str, str] = {}
         with self._lock:
-            for k in range(0, len(keys), 500):
-                chunk = keys[k : k + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = self._db.execute(
-                    f"SELECT key, value FROM results WHERE key IN ({marks})", chunk
-                ).fetchall()
-                out.update(rows)
-        return out
+            return fetch_results(self._db, keys)
 
     def put(self, key: str, kind: str, value: str) -> None:
         now = time.time()

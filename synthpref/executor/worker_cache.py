@@ -18,7 +18,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from synthpref.cache import RequestCache
+from synthpref.cache import RequestCache, fetch_results
 
 WORKER_CACHE_DIR = "cache-workers"
 
@@ -34,13 +34,7 @@ class WorkerCache:
         found = self.own.get_many(keys)
         missing = [k for k in keys if k not in found]
         if self._base is not None and missing:
-            for k in range(0, len(missing), 500):
-                chunk = missing[k : k + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = self._base.execute(
-                    f"SELECT key, value FROM results WHERE key IN ({marks})", chunk
-                ).fetchall()
-                found.update(rows)
+            found.update(fetch_results(self._base, missing))
         return found
 
     def put(self, key: str, kind: str, value: str) -> None:
