@@ -115,8 +115,8 @@ class TransformersBackend(Backend):
     capabilities: ClassVar[frozenset[Capability]] = frozenset(
         {"generate", "score", "top_logprobs", "prefill"}
     )
-    #: run a token prefix shared by several score requests once and reuse its KV cache (set False on
-    #: an instance to compare, or if a model's cache cannot be copied)
+    #: run a token prefix shared by several requests (score groups, a generation batch) once and reuse
+    #: its KV cache (set False on an instance to compare, or if a model's cache cannot be copied)
     prefix_sharing: bool = True
     #: shortest shared prefix (tokens) worth a separate prefix pass
     min_shared_prefix: int = 16
@@ -277,13 +277,9 @@ class TransformersBackend(Backend):
         shortest = min(len(x) for x in ids)
         p = 0
         if self.prefix_sharing and len(ids) * n > 1:
-            first = ids[0]
             p = shortest - 1  # every row keeps at least one token of its own to run
             for row in ids[1:]:
-                k = 0
-                while k < p and row[k] == first[k]:
-                    k += 1
-                p = k
+                p = _shared_length(ids[0], row, p)
         if p < self.min_shared_prefix:
             p = 0
         width = max(len(x) for x in ids) - p
@@ -507,10 +503,7 @@ def plan_shared_prefixes(
     for i in sorted(single, key=lambda i: list(token_ids[i])):
         if members:
             first = token_ids[members[0]]
-            limit = min(length, starts[i])
-            n = 0
-            while n < limit and first[n] == token_ids[i][n]:
-                n += 1
+            n = _shared_length(first, token_ids[i], min(length, starts[i]))
             if n == length or (len(members) == 1 and n >= min_shared):
                 members.append(i)
                 length = n
@@ -520,6 +513,14 @@ def plan_shared_prefixes(
     if members:
         close()
     return groups, sorted(rest)
+
+
+def _shared_length(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """Length of the common prefix of ``a`` and ``b``, counting at most ``limit`` tokens."""
+    n = 0
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _eos_ids(model, tok) -> set[int]:
