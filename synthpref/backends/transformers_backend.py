@@ -177,36 +177,39 @@ class TransformersBackend(Backend):
         self, requests: Sequence[GenerationRequest], on_result: OnGenerated | None = None
     ) -> list[GenerationResult]:
         results: list[GenerationResult | None] = [None] * len(requests)
-        for batch in self._plan_generation(requests):
-            outs = await asyncio.to_thread(self._generate_batch, [requests[i] for i in batch])
+        tok = self.tokenizer
+        ids = [tok(self.render_prompt(r), add_special_tokens=False).input_ids for r in requests]
+        for batch in self._plan_generation(requests, ids):
+            outs = await asyncio.to_thread(
+                self._generate_batch, [requests[i] for i in batch], [ids[i] for i in batch]
+            )
             for i, out in zip(batch, outs, strict=True):
                 results[i] = out
                 if on_result:
                     on_result(i, out)
         return results  # type: ignore[return-value]
 
-    def _plan_generation(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
-        tok = self.tokenizer
-        lengths = [
-            len(tok(self.render_prompt(r), add_special_tokens=False).input_ids) for r in requests
-        ]
+    def _plan_generation(
+        self, requests: Sequence[GenerationRequest], ids: Sequence[list[int]]
+    ) -> list[list[int]]:
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             key = r.params.model_copy(update={"seed": None}).model_dump_json() + str(r.top_logprobs)
             groups.setdefault(key, []).append(i)
         batches = []
         for key in sorted(groups):
-            idx = sorted(groups[key], key=lambda i: (lengths[i], requests[i].cache_key("")))
+            idx = sorted(groups[key], key=lambda i: (len(ids[i]), requests[i].cache_key("")))
             per = max(1, self.batch_size // requests[idx[0]].params.n)
             batches += even_chunks(idx, per)
         return batches
 
-    def _generate_batch(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
+    def _generate_batch(
+        self, batch: list[GenerationRequest], ids: list[list[int]]
+    ) -> list[GenerationResult]:
         import torch
 
         tok, model = self.tokenizer, self.model
         params = batch[0].params
-        ids = [tok(self.render_prompt(r), add_special_tokens=False).input_ids for r in batch]
         seed_src = "|".join(r.cache_key(self.identity) for r in batch) + str(params.seed)
         seed = int(hashlib.sha256(seed_src.encode()).hexdigest()[:8], 16)
         sample = params.temperature > 0
