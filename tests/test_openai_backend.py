@@ -13,11 +13,17 @@ import time
 
 import pytest
 
-from synthpref.backends.base import BackendError, CapabilityError
+from synthpref.backends.base import (
+    BackendError,
+    CapabilityError,
+    RequestError,
+    TransientBackendError,
+)
 from synthpref.backends.openai_backend import OpenAIBackend, OpenAISpec
 from synthpref.backends.specs import fingerprint_fields, spec_class
 from synthpref.backends.types import GenerationRequest, SamplingParams, ScoreRequest
 from synthpref.records import Message
+from tests.fake_openai_server import FakeServer, error, ok
 from tests.vllm_fixtures import SCORE_REQUESTS, assistant, free_port, user
 
 # the vllm_server / vllm_backend / transformers_reference fixtures (drop once merged into conftest.py)
@@ -77,7 +83,7 @@ def test_unreachable_server_is_retried_then_fails_clearly():
         "m", base_url=f"http://127.0.0.1:{port}/v1", max_retries=2, retry_initial_wait=0.1
     )
     started = time.monotonic()
-    with pytest.raises(BackendError) as err:
+    with pytest.raises(TransientBackendError) as err:
         asyncio.run(backend.generate([GenerationRequest(messages=[user("hi")])]))
     message = str(err.value)
     assert (
@@ -102,9 +108,78 @@ def test_silent_server_times_out_and_is_retried():
             max_retries=1,
             retry_initial_wait=0.05,
         )
-        with pytest.raises(BackendError, match=r"request 0 .*timed out after 2 attempts"):
+        with pytest.raises(TransientBackendError, match=r"request 0 .*timed out after 2 attempts"):
             asyncio.run(backend.generate([GenerationRequest(messages=[user("hi")])]))
     assert backend.retries == 1
+
+
+# --- HTTP errors from a scripted server: each raised as the type that says whose fault it is ----
+
+
+def scripted(server: FakeServer, **kwargs) -> OpenAIBackend:
+    return OpenAIBackend(
+        "m", base_url=server.base_url, max_context=2048, retry_initial_wait=0.01, **kwargs
+    )
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503])
+def test_rate_limits_and_server_errors_are_retried_then_transient(status):
+    with FakeServer(lambda path, body: error(status, "try again later")) as server:
+        backend = scripted(server, max_retries=2)
+        with pytest.raises(TransientBackendError, match=f"after 3 attempts.*HTTP {status}"):
+            asyncio.run(backend.generate([GenerationRequest(messages=[user("hi")])]))
+    assert backend.retries == 2 and len(server.requests) == 3
+
+
+def test_a_server_that_recovers_within_the_retries_answers():
+    replies = iter([error(429, "slow down"), error(503, "loading")])
+    with FakeServer(lambda path, body: next(replies, None) or ok(path, body)) as server:
+        backend = scripted(server, max_retries=2)
+        (result,) = asyncio.run(backend.generate([GenerationRequest(messages=[user("hi")])]))
+    assert result.completions[0].text.startswith("Rating: 4") and backend.retries == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "param", "code"),
+    [(400, "input_tokens", None), (400, "messages", None), (400, None, "context_length_exceeded"),
+     (422, "prompt", None), (413, None, None)],
+)  # fmt: skip
+def test_input_the_server_rejects_is_that_requests_error(status, param, code):
+    def reply(path, body):
+        if body["messages"][-1]["content"] == "too long":
+            return error(status, "the input is too long", param=param, code=code)
+        return ok(path, body)
+
+    requests = [GenerationRequest(messages=[user(t)]) for t in ("hi", "too long")]
+    with FakeServer(reply) as server:
+        backend = scripted(server, max_retries=3)
+        with pytest.raises(RequestError, match=f"request 1 failed: .*HTTP {status}") as err:
+            asyncio.run(backend.generate(requests))
+    assert err.value.index == 1 and backend.retries == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "param"), [(400, "logprobs"), (400, None), (401, None), (403, None), (404, None)]
+)
+def test_configuration_errors_are_neither_transient_nor_request_specific(status, param):
+    with FakeServer(lambda path, body: error(status, "not like this", param=param)) as server:
+        backend = scripted(server, max_retries=3)
+        with pytest.raises(BackendError, match=f"HTTP {status}") as err:
+            asyncio.run(backend.generate([GenerationRequest(messages=[user("hi")])]))
+    assert type(err.value) is BackendError and backend.retries == 0
+
+
+def test_an_over_long_score_request_is_a_request_error_before_reaching_the_server(embedded_dir):
+    long = ScoreRequest(messages=[user("word " * 100), assistant("Fine.")])
+    with FakeServer() as server:
+        backend = scripted(server, tokenizer=str(embedded_dir))
+        backend.max_context = 50
+        with pytest.raises(
+            RequestError, match=r"score request 1: .*over the model's context"
+        ) as err:
+            asyncio.run(backend.score([SCORE_REQUESTS[0], long]))
+    assert err.value.index == 1
+    assert server.requests == []
 
 
 # --- against vllm serve -----------------------------------------------------------------------

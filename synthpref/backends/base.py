@@ -12,18 +12,50 @@ from collections.abc import Callable, Sequence
 from typing import ClassVar, Literal
 
 from synthpref.backends.types import GenerationRequest, GenerationResult, ScoreRequest, ScoreResult
+from synthpref.errors import SynthprefError
 
 Capability = Literal["generate", "score", "top_logprobs", "json_schema", "prefill"]
 OnGenerated = Callable[[int, GenerationResult], None]
 OnScored = Callable[[int, ScoreResult], None]
 
 
-class BackendError(RuntimeError):
-    """A request failed on the backend after its retries; the message says which and why."""
+class BackendError(SynthprefError, RuntimeError):
+    """A backend could not answer, after its retries; the message says which request and why.
+
+    Raised as such, it means the backend or its configuration is at fault (a wrong model name or key,
+    a server that cannot echo logprobs, a malformed reply): every request would fail alike, so the
+    run stops and nothing is recorded. The subclasses say when something narrower is known, and
+    callers branch on them, never on the message.
+    """
+
+
+class TransientBackendError(BackendError):
+    """The backend was unavailable (rate limit, 5xx, timeout, dropped connection) after retries.
+
+    The request itself may well succeed later, so its failure must never be recorded as its result:
+    the shard stops, nothing of it is checkpointed, and a rerun resumes and retries.
+    """
+
+
+class RequestError(BackendError):
+    """This request's own content cannot be processed (over the context window, no token to score,
+    input the server rejects as invalid), while other requests can; judges record it as a failed
+    judgment of the request's candidate.
+
+    ``index`` is the request's position in the list the backend was given, where known.
+    """
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+
+    def __reduce__(self):
+        # keeps the index through pickling (Ray ships exceptions between processes)
+        return type(self), (str(self), self.index)
 
 
 class CapabilityError(BackendError):
-    pass
+    """The backend cannot do what was asked of it at all (score text, prefill...)."""
 
 
 class Backend(ABC):

@@ -2,10 +2,12 @@
 
 Remote servers batch on their side, so the backend's job is to keep many requests in flight, to retry
 only what can succeed on a second try (timeouts, dropped connections, 429, 5xx), and to fail at once,
-naming the request and quoting the server, on everything else. How many are in flight is an adaptive
-window (:mod:`synthpref.backends.window`): it starts at ``max_concurrency`` and halves on timeouts,
-dropped connections, 5xx, 429 or a latency far above its running baseline (a saturated ``vllm serve``
-queues rather than refuses, so latency is its only overload signal), then grows back additively.
+naming the request and quoting the server, on everything else. A failure is raised as the type that
+says whose fault it is (:func:`typed_error`): transient (a rerun retries it), this request's input, or
+the configuration's. How many are in flight is an adaptive window (:mod:`synthpref.backends.window`):
+it starts at ``max_concurrency`` and halves on timeouts, dropped connections, 5xx, 429 or a latency far
+above its running baseline (a saturated ``vllm serve`` queues rather than refuses, so latency is its
+only overload signal), then grows back additively.
 
 Generation uses chat completions. Scoring needs the log-probabilities of given text, which chat
 completions cannot return, so it uses the legacy ``/v1/completions`` endpoint with ``echo`` and a
@@ -37,6 +39,8 @@ from synthpref.backends.base import (
     CapabilityError,
     OnGenerated,
     OnScored,
+    RequestError,
+    TransientBackendError,
 )
 from synthpref.backends.segments import SegmentError, render_segment
 from synthpref.backends.specs import VOLATILE, ModelSpec, register_backend
@@ -133,6 +137,15 @@ class OpenAISpec(ModelSpec):
     def display_name(self) -> str:
         return self.model
 
+    def weights_identity(self) -> str | None:
+        """Only the local tokenizer can be seen: a server's weights are out of reach (see
+        ``OpenAIBackend.identity``)."""
+        if not self.tokenizer:
+            return None
+        from synthpref.backends.identity import model_identity
+
+        return f"tokenizer={model_identity(self.tokenizer)}"
+
 
 @lru_cache(maxsize=8)
 def load_tokenizer(path: str):
@@ -175,6 +188,7 @@ class OpenAIBackend(Backend):
         self.model = model
         self.base_url = base_url.rstrip("/") if base_url else None
         self.tokenizer_path = tokenizer
+        self._identity: str | None = None
         self.max_context = max_context
         self.strict_json_schema = strict_json_schema
         self.timeout = timeout
@@ -222,9 +236,26 @@ class OpenAIBackend(Backend):
 
     @property
     def identity(self) -> str:
-        # The tokenizer decides which tokens a score covers, so it is part of what the answers depend on.
-        tok = f":tokenizer={self.tokenizer_path}" if self.tokenizer_path else ""
-        return f"openai:{self.base_url or 'api.openai.com'}:{self.model}{tok}"
+        """The server's address and the served model's name, and the local tokenizer's content.
+
+        A server's weights cannot be seen from here: if the model behind ``base_url`` and ``model``
+        is replaced (a redeployed ``vllm serve``, a provider updating a model name), cached results
+        are still served. Pin a dated model name (``gpt-4o-2024-08-06``) or serve a new model under
+        a new name. ``/v1/models`` is not consulted: it reports at most a name and, on vLLM, the
+        path served from (not its content), and the identity must be fixed before the first request
+        without a network call. The tokenizer decides which tokens a score covers, so its files'
+        content is part of the identity, fixed when first asked for.
+        """
+        if self._identity is None:
+            from synthpref.backends.identity import model_identity
+
+            tok = (
+                f":tokenizer={self.tokenizer_path}={model_identity(self.tokenizer_path)}"
+                if self.tokenizer_path
+                else ""
+            )
+            self._identity = f"openai:{self.base_url or 'api.openai.com'}:{self.model}{tok}"
+        return self._identity
 
     def supports(self, capability: Capability) -> bool:
         if capability == "score":
@@ -381,7 +412,7 @@ class OpenAIBackend(Backend):
                 try:
                     rendered.append(render_segment(tok, r, limit))
                 except SegmentError as exc:
-                    raise BackendError(f"score request {i}: {exc}") from exc
+                    raise RequestError(f"score request {i}: {exc}", index=i) from exc
 
             async def one(i: int) -> ScoreResult:
                 seg = rendered[i]
@@ -516,7 +547,7 @@ class OpenAIBackend(Backend):
             raise
         except Exception as exc:
             attempts = retrying.statistics.get("attempt_number", 1)
-            raise BackendError(self._explain(i, exc, attempts)) from exc
+            raise typed_error(exc, i, self._explain(i, exc, attempts)) from exc
         raise AssertionError("unreachable: tenacity either returns or raises")
 
     def _explain(self, i: int, exc: Exception, attempts: int) -> str:
@@ -552,6 +583,30 @@ class OpenAIBackend(Backend):
                 msg += "; lower max_concurrency or raise max_retries"
             return msg
         return f"request {i} to {self.where} failed{tries}: {_describe(exc)}"
+
+
+#: request fields whose value is the input itself: a 4xx naming one (``param``) is about this request
+INPUT_PARAMS = frozenset({"prompt", "messages", "input", "input_tokens", "input_text"})
+
+
+def typed_error(exc: BaseException, i: int, message: str) -> BackendError:
+    """The error type a failed call becomes, from the SDK's exception and the server's structured
+    error fields (status, ``param``, ``code``), never from its wording.
+
+    Transient: what :func:`is_transient` retries. Request-specific: 413 (this body is too large), or a
+    400/422 whose ``param`` names the input or whose ``code`` is ``context_length_exceeded`` (vLLM sets
+    ``param: input_tokens`` on an over-long prompt, OpenAI that code). Any other failure (401, 404, a
+    400 about a parameter every request carries) is the configuration's: plain BackendError.
+    """
+    from openai import APIStatusError
+
+    if is_transient(exc):
+        return TransientBackendError(message)
+    if isinstance(exc, APIStatusError):
+        about_input = exc.param in INPUT_PARAMS or exc.code == "context_length_exceeded"
+        if exc.status_code == 413 or (exc.status_code in (400, 422) and about_input):
+            return RequestError(message, index=i)
+    return BackendError(message)
 
 
 def is_transient(exc: BaseException) -> bool:

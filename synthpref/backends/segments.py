@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from synthpref.backends.base import RequestError
 from synthpref.backends.types import ScoreRequest
 
 _SENTINEL = "\ue000synthpref-segment\ue001"
 
 
-class SegmentError(ValueError):
-    pass
+class SegmentError(RequestError, ValueError):
+    """The request's conversation cannot be scored as asked (no token to score, over the context
+    window): a fault of this request alone. Still a ValueError for callers that caught it as one."""
 
 
 @dataclass(frozen=True)

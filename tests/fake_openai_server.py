@@ -1,0 +1,127 @@
+"""A scripted OpenAI-compatible HTTP server on 127.0.0.1, for failure paths a real server shows only
+under load or misconfiguration (429, 503, a 400 naming a field).
+
+Requests go through real sockets, the ``openai`` SDK and :class:`OpenAIBackend` exactly as they would
+against ``vllm serve``; only the answers are scripted. ``behaviour`` may be swapped while the server
+runs, which is how a test makes the server "recover" between two runs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+Reply = tuple[int, dict[str, Any]]
+Behaviour = Callable[[str, dict[str, Any]], Reply]
+
+
+def token_logprob(token_id: int) -> float:
+    """A fixed, token-dependent log-probability, so different texts score differently."""
+    return -((token_id % 13) + 1) / 10
+
+
+def ok(path: str, body: dict[str, Any]) -> Reply:
+    """What a healthy server answers: echoed prompt logprobs for scoring, a rating for chat."""
+    if path.endswith("/completions") and "/chat/" not in path:
+        ids = body["prompt"]
+        logprobs = [None] + [token_logprob(t) for t in ids[1:]]
+        choice = {
+            "index": 0,
+            "text": "x",
+            "finish_reason": "length",
+            "logprobs": {
+                "tokens": [str(t) for t in ids],
+                "token_logprobs": logprobs,
+                "top_logprobs": None,
+                "text_offset": list(range(len(ids))),
+            },
+        }
+        usage = {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}
+        return 200, _completion("text_completion", [choice], usage)
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": "Rating: 4\nRationale: scripted."},
+        "finish_reason": "stop",
+    }
+    usage = {"prompt_tokens": 10, "completion_tokens": 6, "total_tokens": 16}
+    return 200, _completion("chat.completion", [choice], usage)
+
+
+def error(status: int, message: str, param: str | None = None, code: Any = None) -> Reply:
+    """An error body in the shape OpenAI and vLLM send: ``{"error": {message, type, param, code}}``."""
+    return status, {
+        "error": {"message": message, "type": "Error", "param": param, "code": code or status}
+    }
+
+
+def _completion(obj: str, choices: list, usage: dict) -> dict[str, Any]:
+    return {
+        "id": "fake",
+        "object": obj,
+        "created": 0,
+        "model": "fake",
+        "choices": choices,
+        "usage": usage,
+    }
+
+
+class FakeServer:
+    """``with FakeServer(behaviour) as server:`` serves on ``server.base_url`` until the block ends.
+
+    ``requests`` lists every (path, body) received, failed ones included.
+    """
+
+    def __init__(self, behaviour: Behaviour = ok) -> None:
+        self.behaviour = behaviour
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> FakeServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                with server._lock:
+                    server.requests.append((self.path, body))
+                status, reply = server.behaviour(self.path, body)
+                self._send(status, reply)
+
+            def do_GET(self) -> None:
+                self._send(*error(404, f"no route {self.path}"))
+
+            def _send(self, status: int, reply: dict[str, Any]) -> None:
+                data = json.dumps(reply).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up on this request (a sibling failed and it cancelled)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        return Handler
