@@ -1,6 +1,8 @@
 """Content-addressed request cache: no completed model call is ever made twice.
 
-Keys are hashes of (backend identity, request); values are the backend's JSON result. Results are
+Keys are hashes of (backend identity, request); values are the backend's JSON result. The identity
+covers what the model is, not only its name (:mod:`synthpref.backends.identity`), so results of
+weights rewritten in place or of other result-affecting engine settings are never served. Results are
 committed as the backend reports them, batch by batch, so a run killed mid-shard keeps every call that
 finished. A journal table logs each computation, which is how tests (and curious users) check that
 nothing was computed twice.

@@ -46,7 +46,7 @@ def test_generation_n_seed_stop_top_logprobs_and_prefill(vllm_backend):
         vllm_backend.generate([sampled, prefill], on_result=lambda i, r: reported.append(i))
     )
     again = asyncio.run(vllm_backend.generate([sampled]))
-    assert reported == [0, 1]
+    assert sorted(reported) == [0, 1]  # in the order they finish
     result = first[0]
     texts = [c.text for c in result.completions]
     assert len(texts) == 2 and texts[0] != texts[1]
@@ -113,3 +113,89 @@ def test_left_truncation_drops_context_and_reports_it(vllm_backend, transformers
     assert ours.truncated_tokens > 0 and len(ours.tokens) > 0
     with pytest.raises(BackendError, match="over the model's context"):
         asyncio.run(vllm_backend.score([req.model_copy(update={"truncation": "error"})]))
+
+
+# --- results reach on_result (and so the cache) one by one, as the engine finishes them ----------
+
+
+def _greedy(text: str, max_tokens: int) -> GenerationRequest:
+    return GenerationRequest(
+        messages=[user(text)], params=SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    )
+
+
+@pytest.mark.vllm
+def test_generate_reports_each_result_while_others_still_run(vllm_backend):
+    engine = vllm_backend.llm.llm_engine
+    long = _greedy("Count from one to one hundred in words, separated by commas.", 40)
+    short = [_greedy("Say yes.", 1), _greedy("Say no.", 1)]
+    seen: list[tuple[int, int]] = []  # (request index, engine requests unfinished at that moment)
+    results = asyncio.run(
+        vllm_backend.generate(
+            [long, *short],
+            on_result=lambda i, r: seen.append((i, engine.get_num_unfinished_requests())),
+        )
+    )
+    assert results[0].completions[0].completion_tokens > 1, "the long request must outlast the rest"
+    assert sorted(i for i, _ in seen) == [0, 1, 2]
+    assert seen[-1][0] == 0
+    first_short = next(unfinished for i, unfinished in seen if i != 0)
+    assert first_short >= 1, "a short result was held back until the whole call finished"
+    max_num_seqs = vllm_backend.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+    assert all(unfinished <= max_num_seqs for _, unfinished in seen)
+
+
+@pytest.mark.vllm
+def test_score_reports_each_result_while_others_still_run(vllm_backend):
+    engine = vllm_backend.llm.llm_engine
+    # Three ~1500-token prompts: without chunked prefill at most one fits a step's token budget.
+    reqs = [
+        ScoreRequest(messages=[user(f"{word} " * 1500), assistant("Fine.")])
+        for word in ("alpha", "beta", "gamma")
+    ]
+    seen: list[tuple[int, int]] = []
+    asyncio.run(
+        vllm_backend.score(
+            reqs, on_result=lambda i, r: seen.append((i, engine.get_num_unfinished_requests()))
+        )
+    )
+    assert sorted(i for i, _ in seen) == [0, 1, 2]
+    assert seen[0][1] >= 1, "a score was held back until the whole call finished"
+
+
+@pytest.mark.vllm
+def test_streamed_outputs_equal_one_engine_call(vllm_backend):
+    from vllm.inputs import TokensPrompt
+
+    reqs = [
+        _greedy("Name a prime number.", 8),
+        _greedy("What colour is the sky?", 12),
+        GenerationRequest(
+            messages=[user("Write a word about rain.")],
+            params=SamplingParams(n=2, temperature=1.0, max_tokens=10, seed=11),
+            top_logprobs=2,
+        ),
+    ]
+    prompts = [TokensPrompt(prompt_token_ids=vllm_backend.prompt_ids(r)) for r in reqs]
+    params = [vllm_backend._sampling_params(r) for r in reqs]
+    direct = vllm_backend.llm.generate(prompts, params, use_tqdm=False)
+    expected = [vllm_backend._result(r, o) for r, o in zip(reqs, direct, strict=True)]
+    ours = asyncio.run(vllm_backend.generate(reqs))
+    again = asyncio.run(vllm_backend.generate(reqs))
+    assert ours == expected, "greedy and seeded outputs must not depend on how the engine is driven"
+    assert again == ours, "a seeded request must reproduce"
+
+
+@pytest.mark.vllm
+def test_a_failing_callback_aborts_the_rest_and_leaves_the_engine_clean(vllm_backend):
+    engine = vllm_backend.llm.llm_engine
+
+    def fail(i, r):
+        raise OSError("disk full")
+
+    reqs = [_greedy("Say yes.", 1), _greedy("Count to twenty in words.", 40)]
+    with pytest.raises(OSError, match="disk full"):
+        asyncio.run(vllm_backend.generate(reqs, on_result=fail))
+    assert not engine.has_unfinished_requests()
+    (result,) = asyncio.run(vllm_backend.generate([_greedy("Say hi.", 2)]))
+    assert result.completions[0].completion_tokens >= 1

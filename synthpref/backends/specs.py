@@ -3,10 +3,16 @@
 Each backend registers a pydantic spec class under its ``backend:`` name. Fields marked
 ``volatile`` (batch sizes, concurrency, timeouts, credentials' location) change how fast a run goes,
 never what it produces, so they stay out of run fingerprints.
+
+A spec's fields name a model but do not pin it (a checkpoint retrained in place keeps its path), so
+``weights_identity`` adds what the fields cannot show (see :mod:`synthpref.backends.identity`), and
+both the stage fingerprints (``fingerprint``) and the request cache keys (``identity``) include it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +44,34 @@ class ModelSpec(BaseModel):
 
     def display_name(self) -> str:
         return self.backend
+
+    def weights_identity(self) -> str | None:
+        """What the fields cannot show about the model: its weights, config and tokenizer files.
+
+        ``None`` where nothing more can be known (a remote API). Cheap: no weights are read.
+        """
+        return None
+
+    def result_fields(self) -> dict[str, Any]:
+        """The fields that change results; specs override this to drop volatile nested settings."""
+        return fingerprint_fields(self)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What enters the fingerprint of every stage that calls this model."""
+        out = self.result_fields()
+        weights = self.weights_identity()
+        if weights is not None:
+            out["weights"] = weights
+        return out
+
+    def identity(self) -> str:
+        """What keys this model's cached results: everything in ``fingerprint`` except the system
+        prompt, which the client puts into every request and so is in every key already."""
+        fields = self.fingerprint()
+        fields.pop("system_prompt", None)
+        blob = json.dumps(fields, sort_keys=True, default=str, separators=(",", ":"))
+        digest = hashlib.sha256(blob.encode()).hexdigest()[:24]
+        return f"{self.backend}:{self.display_name()}:{digest}"
 
 
 _SPECS: dict[str, type[ModelSpec]] = {}

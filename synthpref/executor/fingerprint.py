@@ -1,9 +1,10 @@
 """Run and stage fingerprints: what identifies work that can be reused.
 
 The chain is input -> stage 1 -> stage 2 ...: each stage's fingerprint hashes the previous one with the
-stage's result-affecting parameters, the result-affecting fields of the models it calls, and anything
-else it declares (template hashes). Changing a late stage therefore reuses every earlier checkpoint,
-and settings marked volatile (concurrency, batch sizes) never invalidate anything.
+stage's result-affecting parameters, the result-affecting fields and weights identity of the models it
+calls (``ModelSpec.fingerprint``), and anything else it declares (template hashes). Changing a late
+stage therefore reuses every earlier checkpoint, and settings marked volatile (concurrency, batch
+sizes) never invalidate anything.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def stage_fingerprints(
                 "type": stage.type_name,
                 "name": stage.name,
                 "params": fingerprint_fields(stage.params),
-                "models": {m: fingerprint_fields(models[m]) for m in stage.models_used()},
+                "models": {m: models[m].fingerprint() for m in stage.models_used()},
                 "extra": stage.fingerprint(),
             }
         )
