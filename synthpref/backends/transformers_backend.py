@@ -1,9 +1,13 @@
 """Local Hugging Face transformers backend (CPU or CUDA); the embedded default runs on it.
 
 Generation is batched and left-padded; requests are grouped by sampling parameters and sorted by length
-so padding stays small. A batch's random seed is derived from its requests, so rerunning the same
-unfinished batches after a crash reproduces exactly what an uninterrupted run would have produced.
-Scoring runs one forward pass per batch and applies the output head only to the scored positions.
+so padding stays small. Each sample of each request draws from its own random stream, seeded from that
+request and its seed alone (``row_sampling.py``), so its text does not depend on ``batch_size``, on the
+number of workers or on which other requests share its batch: a resumed run that regenerates only its
+cache misses produces what an uninterrupted run would have.
+Scoring runs one forward pass per batch and applies the output head only to the scored positions,
+with the model's own logit rescaling; ``output_head.py`` checks once per model that this reproduces
+the model's logits and otherwise scores through its forward pass.
 Score requests that share a long token prefix (the follow-ups of one response, the candidates of one
 prompt under the same system prompt and exemplars) run that prefix once and reuse its KV cache for
 each request's remainder; results equal the unshared path's to ~1e-5 nats/token (float32). Generation
@@ -15,12 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import hashlib
 import logging
 import threading
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from synthpref.backends.base import Backend, Capability, OnGenerated, OnScored
 from synthpref.backends.segments import render_segment
@@ -31,6 +34,9 @@ from synthpref.backends.types import (
     ScoreRequest,
     ScoreResult,
 )
+
+if TYPE_CHECKING:
+    from synthpref.backends.output_head import LogitHead
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +146,18 @@ class TransformersBackend(Backend):
             else ("bfloat16" if self.device.startswith("cuda") else "float32")
         )
         self.batch_size = batch_size
-        self._identity = identity or f"transformers:{model_path}"
+        if identity is None:  # built without a spec: the path and what is in it
+            from synthpref.backends.identity import model_identity
+
+            identity = f"transformers:{model_path}:{model_identity(model_path)}"
+        self._identity = identity
         self._max_context = max_context
         self._trust = trust_remote_code
         self._lock = device_lock(self.device)
 
     @property
     def identity(self) -> str:
+        """Pinned at construction, so a model rewritten mid-run cannot split one run's cache keys."""
         return f"{self._identity}:{self.dtype}"
 
     @property
@@ -207,31 +218,36 @@ class TransformersBackend(Backend):
         self, batch: list[GenerationRequest], ids: list[list[int]]
     ) -> list[GenerationResult]:
         import torch
+        from transformers import LogitsProcessorList
+
+        from synthpref.backends.row_sampling import RowSampler, row_generators
 
         tok, model = self.tokenizer, self.model
         params = batch[0].params
-        seed_src = "|".join(r.cache_key(self.identity) for r in batch) + str(params.seed)
-        seed = int(hashlib.sha256(seed_src.encode()).hexdigest()[:8], 16)
-        sample = params.temperature > 0
         kwargs = dict(
             max_new_tokens=params.max_tokens,
-            do_sample=sample,
+            do_sample=False,  # sampling, when asked for, happens in RowSampler
+            temperature=None,
+            top_p=None,
+            top_k=None,
             pad_token_id=tok.pad_token_id,
             return_dict_in_generate=True,
             output_logits=batch[0].top_logprobs > 0,
         )
-        if sample:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
         if params.stop:
             kwargs.update(stop_strings=params.stop, tokenizer=tok)
+
+        def sampler() -> dict:
+            if params.temperature == 0:
+                return {}
+            gens = row_generators(batch, self.identity, params.n, self.device)
+            warp = RowSampler(gens, params.temperature, params.top_p)
+            return {"logits_processor": LogitsProcessorList([warp])}
+
         with self._lock, torch.inference_mode():
             inputs = self._generation_inputs(ids, params.n)
-            if params.seed is not None:
-                torch.manual_seed(seed)
             try:
-                out = model.generate(**inputs, **kwargs)
+                out = model.generate(**inputs, **kwargs, **sampler())
             except Exception as exc:
                 if "past_key_values" not in inputs:
                     raise
@@ -243,9 +259,7 @@ class TransformersBackend(Backend):
                 )
                 self.prefix_sharing = False
                 inputs = self._generation_inputs(ids, params.n)
-                if params.seed is not None:
-                    torch.manual_seed(seed)
-                out = model.generate(**inputs, **kwargs)
+                out = model.generate(**inputs, **kwargs, **sampler())
             new = out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
             top = None
             if batch[0].top_logprobs:  # one request group: every request asks for the same k
@@ -346,26 +360,40 @@ class TransformersBackend(Backend):
     def _score_batch(self, batch) -> list[ScoreResult]:
         import torch
 
-        tok, model = self.tokenizer, self.model
+        from synthpref.backends.output_head import logit_head
+
+        with self._lock, torch.inference_mode():
+            head = logit_head(self.model)
+            kept = max(len(r.token_ids) for r in batch) - min(r.start for r in batch) + 1
+            results = []
+            for rows in even_chunks(list(range(len(batch))), head.max_rows(kept)):
+                results += self._score_rows(head, [batch[i] for i in rows])
+            _release_freed_memory()
+        return results
+
+    def _score_rows(self, head: LogitHead, batch) -> list[ScoreResult]:
+        """One right-padded forward pass; only positions from the earliest segment's on are kept."""
+        import torch
+
+        tok = self.tokenizer
         width = max(len(r.token_ids) for r in batch)
+        lo = min(r.start for r in batch) - 1
         ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for b, r in enumerate(batch):
             ids[b, : len(r.token_ids)] = torch.tensor(r.token_ids)
             mask[b, : len(r.token_ids)] = 1
-        head = model.get_output_embeddings()
-        cap = getattr(model.config, "final_logit_softcapping", None)
-        with self._lock, torch.inference_mode():
-            hidden = model.get_decoder()(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
-            ).last_hidden_state
-            results = []
-            for b, r in enumerate(batch):
-                results.append(
-                    _segment_result(head, cap, tok, hidden[b, r.start - 1 : r.end - 1], r)
-                )
-            del hidden
-            _release_freed_memory()
+        out, _ = head.forward(
+            lo,
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            use_cache=False,
+        )
+        results = [
+            _segment_result(head, tok, out[b, r.start - 1 - lo : r.end - 1 - lo], r)
+            for b, r in enumerate(batch)
+        ]
+        del out
         return results
 
     # prefix sharing ---------------------------------------------------------------------------
@@ -405,19 +433,21 @@ class TransformersBackend(Backend):
 
         import torch
 
-        tok, model = self.tokenizer, self.model
-        decoder, head = model.get_decoder(), model.get_output_embeddings()
-        cap = getattr(model.config, "final_logit_softcapping", None)
+        from synthpref.backends.output_head import logit_head
+
+        tok = self.tokenizer
         p = prefix_len
         width = max(len(r.token_ids) - p for r in batch)
-        per = max(1, self.batch_size * (p + width) // width)
         results = []
         with self._lock, torch.inference_mode():
-            out = decoder(
+            head = logit_head(self.model)
+            per = min(max(1, self.batch_size * (p + width) // width), head.max_rows(width))
+            out, prefix_cache = head.forward(
+                p - 1,
                 input_ids=torch.tensor([batch[0].token_ids[:p]], device=self.device),
                 use_cache=True,
             )
-            prefix_cache, last = out.past_key_values, out.last_hidden_state[0, -1:]
+            last = out[0, -1:]
             for k in range(0, len(batch), per):
                 chunk = batch[k : k + per]
                 w = max(len(r.token_ids) - p for r in chunk)
@@ -432,35 +462,28 @@ class TransformersBackend(Backend):
                 if len(chunk) > 1:
                     cache.batch_repeat_interleave(len(chunk))
                 positions = torch.arange(p, p + w, device=self.device)[None].expand(len(chunk), -1)
-                hidden = decoder(
+                out, _ = head.forward(
                     input_ids=ids.to(self.device),
                     attention_mask=mask.to(self.device),
                     position_ids=positions,
                     past_key_values=cache,
                     use_cache=True,
-                ).last_hidden_state
+                )
                 for b, r in enumerate(chunk):
-                    # row j of `states` is position p - 1 + j of the full sequence
-                    states = torch.cat([last, hidden[b]], dim=0)
-                    results.append(
-                        _segment_result(head, cap, tok, states[r.start - p : r.end - p], r)
-                    )
-                del cache, hidden
+                    # row j of `rows` is position p - 1 + j of the full sequence
+                    rows = torch.cat([last, out[b]], dim=0)
+                    results.append(_segment_result(head, tok, rows[r.start - p : r.end - p], r))
+                del cache, out
             _release_freed_memory()
         return results
 
 
-def _segment_result(head, cap, tok, states, r) -> ScoreResult:
-    """Log-probabilities of a segment's tokens from the hidden states that predict them.
-
-    The output head runs on these rows only: a full-vocabulary projection of every position would
-    dominate the cost of scoring long conversations.
-    """
+def _segment_result(head: LogitHead, tok, rows, r) -> ScoreResult:
+    """Log-probabilities of a segment's tokens from the model outputs (``head.forward``'s rows) at
+    the positions that predict them."""
     import torch
 
-    logits = head(states).float()
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
+    logits = head.logits(rows)
     targets = torch.tensor(r.token_ids[r.start : r.end], device=logits.device)
     lp = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
     return ScoreResult(

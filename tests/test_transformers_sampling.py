@@ -1,0 +1,63 @@
+"""Seeded sampling on the transformers backend: a request's text depends on the request and its seed only.
+
+``batch_size`` and worker count are declared volatile (they change speed, never data), and a resumed run
+regenerates only its cache misses, so a request's sampled text must not depend on which requests share
+its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from synthpref.backends.transformers_backend import TransformersBackend
+from synthpref.backends.types import GenerationRequest, SamplingParams
+from synthpref.records import Message
+
+PROMPTS = [
+    "Name a fruit.",
+    "Name a colour.",
+    "Name an animal.",
+    "Say hello in French.",
+    "What is 3 + 4?",
+]
+
+
+def _requests(prompts, seed=7) -> list[GenerationRequest]:
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=10, seed=seed)
+    return [
+        GenerationRequest(messages=[Message(role="user", content=p)], params=params)
+        for p in prompts
+    ]
+
+
+def _texts(backend, requests) -> dict[str, list[str]]:
+    results = asyncio.run(backend.generate(requests))
+    return {
+        r.messages[0].content: [c.text for c in out.completions]
+        for r, out in zip(requests, results, strict=True)
+    }
+
+
+@pytest.fixture(scope="module")
+def backends(embedded_dir):
+    return {size: TransformersBackend(str(embedded_dir), batch_size=size) for size in (1, 2, 8)}
+
+
+def test_texts_do_not_depend_on_batch_size_or_neighbours(backends):
+    reference = _texts(backends[8], _requests(PROMPTS))
+    assert _texts(backends[1], _requests(PROMPTS)) == reference
+    assert _texts(backends[2], _requests(PROMPTS)) == reference
+    # a resumed run regenerates only its cache misses: other neighbours, in another order
+    for subset in (PROMPTS[3:0:-1], [PROMPTS[4], PROMPTS[0]], [PROMPTS[2]]):
+        texts = _texts(backends[8], _requests(subset))
+        assert texts == {p: reference[p] for p in subset}
+
+
+def test_samples_of_one_request_differ_and_the_seed_matters(backends):
+    texts = _texts(backends[8], _requests(PROMPTS))
+    assert any(a != b for a, b in texts.values())  # n samples of a request are distinct draws
+    reseeded = _texts(backends[8], _requests(PROMPTS, seed=8))
+    assert reseeded != texts
+    assert _texts(backends[8], _requests(PROMPTS)) == texts
