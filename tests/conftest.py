@@ -30,7 +30,8 @@ def tiny_recipe(tmp_path: Path, prompts=PROMPTS, **overrides) -> dict:
         "stages": [
             {"type": "generate", "models": ["a", "b"], "n": 1, "max_tokens": 16},
             {"type": "rubric_judge", "name": "rating", "model": "a", "max_tokens": 6},
-            {"type": "pairs", "judge": "rating"},
+            # 16-token generations are cut off by design: pair them anyway
+            {"type": "pairs", "judge": "rating", "allow_truncated": True},
         ],
         "output": {"dir": str(tmp_path / "run")},
         "settings": {"shard_size": 2},

@@ -23,14 +23,24 @@ def record(
     texts: dict[str, str] | None = None,
     scores: dict[str, dict[str, float]] | None = None,
     pairs: list[tuple[str, str, str]] | None = None,
+    truncated: tuple[str, ...] = (),
 ) -> Record:
     """A record with candidates ``texts`` (id -> text), pointwise ``scores`` (judge -> id -> score)
-    and ``pairs`` (chosen, rejected, judge) whose scores come from that judge."""
+    and ``pairs`` (chosen, rejected, judge) whose scores come from that judge; the ``truncated``
+    candidates finished at max_tokens."""
     texts = texts or {"a": "A fine answer.", "b": "A worse answer."}
     r = Record(
         id=rid,
         prompt=[Message(role="user", content=prompt)],
-        candidates=[Candidate(id=c, model=f"model-{c}", text=t) for c, t in texts.items()],
+        candidates=[
+            Candidate(
+                id=c,
+                model=f"model-{c}",
+                text=t,
+                finish_reason="length" if c in truncated else "stop",
+            )
+            for c, t in texts.items()
+        ],
     )
     for judge, per in (scores or {}).items():
         for cid, s in per.items():
@@ -67,6 +77,12 @@ def pairwise_judgment(judge: str, a: str, b: str, ab: float, ba: float) -> Judgm
 
 class FakeGenerateParams(StageParams):
     n: int = Field(3, ge=1)
+    truncate_every: int = Field(
+        0,
+        ge=0,
+        description="candidate k of a prompt is marked as cut off at max_tokens when k + the prompt's "
+        "length is a multiple of this (prompt-dependent, so resumable)",
+    )
 
 
 class FakeGenerate(Stage):
@@ -81,18 +97,21 @@ class FakeGenerate(Stage):
     Params = FakeGenerateParams
 
     async def process(self, records: list[Record]) -> list[Record]:
+        every = self.params.truncate_every
         for r in records:
             user = r.prompt[-1].content
             for k in range(self.params.n):
+                self.counters["candidates"] += 1
+                cut = bool(every) and (k + len(user)) % every == 0
                 r.candidates.append(
                     Candidate(
                         id=f"{r.id}-c{k}",
                         model=f"fake-{k % 2}",
                         text=f"Answer {k} to {user}: " + "more " * (3 * self._rank(k, user)),
+                        finish_reason="length" if cut else "stop",
                         stage=self.name,
                     )
                 )
-                self.counters["candidates"] += 1
         return records
 
 

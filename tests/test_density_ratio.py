@@ -82,6 +82,8 @@ def recipe_dict(name: str, limit: int, tmp_path: Path, max_tokens: int = 16) -> 
     for stage in raw["stages"]:
         if stage["type"] == "generate":
             stage["max_tokens"] = max_tokens
+        if stage["type"] == "pairs":
+            stage["allow_truncated"] = True  # the shortened generations are cut off by design
     return raw
 
 

@@ -17,7 +17,13 @@ from synthpref.filters.decontaminate import Decontaminate, DecontaminateParams
 from synthpref.filters.dedup import Dedup, DedupParams
 from synthpref.filters.length_bias import LengthBiasFilter, LengthBiasParams, length_stats
 from synthpref.filters.margin import MarginFilter, MarginParams
-from synthpref.filters.reliability import ReliabilityFilter, ReliabilityParams, evaluate_policies
+from synthpref.filters.reliability import (
+    ReliabilityFilter,
+    ReliabilityParams,
+    cross_validate,
+    evaluate_policies,
+    wilson_interval,
+)
 from synthpref.recipes.loader import RecipeError, parse_recipe
 from synthpref.records import Message, Record
 from synthpref.stages.base import Stage
@@ -226,7 +232,7 @@ NEAR = (
 TEXTS = [
     "What is the capital of France?",
     NEAR,
-    "what is the capital of   FRANCE",  # exact after normalisation
+    "what is the capital of   FRANCE?",  # exact after case and whitespace normalisation
     NEAR.replace("short story", "short tale"),  # near duplicate
     "Explain how vaccines train the immune system.",
     "What is the capital of Spain?",  # similar but different: kept
@@ -254,6 +260,63 @@ def test_dedup_exact_only_and_flag_mode():
     flags = {r.id: r.annotations["flags"][0] for r in out if r.annotations.get("flags")}
     assert flags["r2"]["duplicate_of"] == "r0" and flags["r3"]["duplicate_of"] == "r1"
     assert flags["r3"]["flag"] == "near_duplicate"
+
+
+# prompts that differ only in an operator or a symbol: different questions, never duplicates
+DIFFERENT_BY_AN_OPERATOR = ["Is 5 > 3?", "Is 5 < 3?", "a + b", "a - b", "x = y", "x != y"]
+
+
+def test_exact_dedup_keeps_prompts_that_differ_in_operators_or_punctuation():
+    records = _prompt_records([*DIFFERENT_BY_AN_OPERATOR, "Hello, world.", "Hello world"])
+    stage = Dedup("dedup", DedupParams(near=False))
+    stage.prepare(records)
+    assert len(run(stage, records)) == len(records)
+    assert stage.counters == {"kept": len(records)}
+
+
+def test_exact_dedup_normalises_case_whitespace_and_unicode_compatibility_forms():
+    records = _prompt_records(
+        [
+            "Is 5 > 3?",
+            "  IS 5\t>\n3?  ",  # case and whitespace
+            "Ｉｓ ５ ＞ ３？",  # full-width forms: equal after NFKC
+            "Is 5 &gt; 3?",  # a different text
+        ]
+    )
+    stage = Dedup("dedup", DedupParams(near=False))
+    stage.prepare(records)
+    assert [r.id for r in run(stage, records)] == ["r0", "r3"]
+    assert stage.counters["dropped:exact_duplicate"] == 2
+
+
+def test_near_dedup_at_its_default_threshold_keeps_prompts_that_differ_in_an_operator():
+    records = _prompt_records(
+        [*DIFFERENT_BY_AN_OPERATOR, "What is 3 + 4?", "what is 3+4?", NEAR, NEAR + "!"]
+    )
+    stage = Dedup("dedup", DedupParams())
+    stage.prepare(records)
+    kept = [r.prompt[0].content for r in run(stage, records)]
+    assert kept == [*DIFFERENT_BY_AN_OPERATOR, "What is 3 + 4?", NEAR]
+    assert stage.counters["dropped:near_duplicate"] == 2  # spacing around '+', a trailing '!'
+
+
+def test_near_dedup_finds_near_duplicates_just_above_the_threshold():
+    """Pairs of 40-word prompts that differ in one middle word: Jaccard 35/41 = 0.85 >= 0.8. LSH is
+    only the candidate search (every candidate is verified), so it must not miss a quarter of them."""
+    import random
+
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(5000)]
+    texts = []
+    for _ in range(60):
+        base = rng.sample(vocab, 40)
+        changed = [*base[:20], "changed", *base[21:]]
+        texts += [" ".join(base), " ".join(changed)]
+    stage = Dedup("dedup", DedupParams())
+    records = _prompt_records(texts)
+    stage.prepare(records)
+    run(stage, records)
+    assert stage.counters["dropped:near_duplicate"] >= 55
 
 
 class Interrupt(Stage):
@@ -321,7 +384,7 @@ def test_decontaminate_drops_prompts_overlapping_the_eval_set(tmp_path):
             "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
             "clips in May. How many clips did she sell?",
             "what is the capital of australia",  # short: exact match after normalisation
-            "What is the capital of Australia and why was it chosen?",  # short, not equal: kept
+            "What is the capital of Australia and why was it chosen?",  # holds a short eval item
             "Describe the water cycle in three sentences for a science class.",
         ]
     )
@@ -334,8 +397,8 @@ def test_decontaminate_drops_prompts_overlapping_the_eval_set(tmp_path):
     ).recipe
     stage.prepare(records, recipe)
     out = run(stage, records)
-    assert [r.id for r in out] == ["r2", "r3"]
-    assert stage.counters == {"dropped:contaminated": 2, "kept": 2}
+    assert [r.id for r in out] == ["r3"]
+    assert stage.counters == {"dropped:contaminated": 3, "kept": 1}
     assert stage.overlap(records[0].prompt[0].content) >= 0.5
     fp = stage.fingerprint()["eval_prompts"]
     (tmp_path / "eval.jsonl").write_text(
@@ -356,7 +419,86 @@ def test_decontaminate_flags_and_reads_text_files(tmp_path):
         "flag": "contaminated",
         "stage": "decon",
         "overlap": 1.0,
+        "eval_item": 1,
+        "eval_text": "What is the capital of Australia?",
     }
+    assert "flags" not in out[1].annotations
+
+
+GSM8K_LIKE = (
+    "Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes "
+    "muffins for her friends every day with four. She sells the remainder at the farmers' market "
+    "daily for $2 per fresh duck egg. How much in dollars does she make every day at the farmers' "
+    "market?"
+)
+INSTRUCTION = (
+    "You are a careful and patient math tutor working with a student who is preparing for an "
+    "important exam next week. Read the following word problem slowly, identify the quantities "
+    "that matter, write out every intermediate step of your reasoning in full sentences, check "
+    "the arithmetic twice, and finally give the answer as a single number on its own line. "
+    "Problem:"
+)
+DECON_EVAL = [
+    GSM8K_LIKE,
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "Who wrote Hamlet?",
+]
+
+
+def _decontaminate(tmp_path, texts, **params):
+    (tmp_path / "eval.txt").write_text("\n".join(DECON_EVAL) + "\n")
+    stage = Decontaminate(
+        "decon",
+        DecontaminateParams(eval_prompts=[str(tmp_path / "eval.txt")], action="flag", **params),
+    )
+    out = run(stage, _prompt_records(texts))
+    return stage, {r.id: r.annotations.get("flags", [None])[0] for r in out}
+
+
+def test_decontaminate_finds_an_eval_item_pasted_after_a_long_instruction(tmp_path):
+    assert len(INSTRUCTION.split()) >= 50
+    prompt = INSTRUCTION + "\n\n" + GSM8K_LIKE
+    stage, flags = _decontaminate(tmp_path, [prompt])
+    # all of the eval item is inside the prompt, though it is under half of the prompt
+    assert flags["r0"] == {
+        "flag": "contaminated",
+        "stage": "decon",
+        "overlap": 1.0,
+        "eval_item": 0,
+        "eval_text": GSM8K_LIKE[:80] + "...",
+    }
+    assert stage.counters["flagged:contaminated"] == 1
+
+
+def test_decontaminate_finds_short_eval_items_inside_prompts(tmp_path):
+    _, flags = _decontaminate(
+        tmp_path,
+        [
+            "Who wrote Hamlet? Answer in one word.",
+            "Please tell me: who   WROTE hamlet",
+            "Who wrote the play Hamlet, and when?",  # the item's words, not the item
+        ],
+    )
+    assert flags["r0"]["eval_item"] == 2 and flags["r0"]["overlap"] == 1.0
+    assert flags["r1"]["eval_item"] == 2
+    assert flags["r2"] is None
+
+
+def test_decontaminate_keeps_prompts_that_merely_share_common_words(tmp_path):
+    prompts = [
+        # many of the GSM8K item's words, in no long common sequence
+        "My ducks lay eggs every day and I sell the eggs at the market for dollars. How much "
+        "should I charge per egg so that I make money every day, given that I eat three each "
+        "morning and bake muffins?",
+        # a long instruction with ordinary words and one short shared phrase
+        INSTRUCTION + " How much does a ticket to the farmers' market cost in dollars?",
+        "She sold half as many clips as her friends did.",
+    ]
+    stage, flags = _decontaminate(tmp_path, prompts)
+    assert flags == {"r0": None, "r1": None, "r2": None}
+    assert stage.counters == {"kept": 3}
+    for text in prompts:
+        assert stage.overlap(text) < 0.5
 
 
 def test_decontaminate_missing_eval_file_fails_before_any_shard(tmp_path):
@@ -390,6 +532,60 @@ def test_policy_selection_with_score_bands():
     best, _ = evaluate_policies(gold, margins=[], bands=3, min_keep=0.3)
     assert best.policy.kind == "band" and best.agreement == 1.0
     assert best.policy.low >= 2.2 and best.kept == 4
+
+
+def test_cross_validated_agreement_by_hand_on_five_gold_pairs():
+    """Leave-one-out (5 pairs, 10 folds asked): policies 'all' and 'margin>=2' only.
+
+    held out  training agreement: all | margin>=2   chosen      held-out pair
+    +3        2/4 | 1/2 (tie: all keeps more) all   kept, agrees
+    +2        2/4 | 1/2                      all    kept, agrees
+    -1        3/4 | 2/3                      all    kept, disagrees
+    +1        2/4 | 2/3                      margin not kept (|1| < 2)
+    -2        3/4 | 2/2                      margin kept, disagrees
+    Out of sample: 2 of 4 kept held-out pairs agree. In sample: margin>=2, 2 of 3.
+    """
+    gold = [(3.0, 4.0), (2.0, 4.0), (-1.0, 3.0), (1.0, 3.0), (-2.0, 4.0)]
+    best, results = evaluate_policies(gold, margins=[2.0], bands=0, min_keep=0.3)
+    assert best.policy.describe() == "margin>=2" and best.agreement == pytest.approx(2 / 3)
+    assert results[0].agreement == pytest.approx(3 / 5)
+    cv = cross_validate(gold, margins=[2.0], bands=0, min_keep=0.3, folds=10)
+    assert (cv.folds, cv.kept, cv.agree, cv.total) == (5, 4, 2, 5)
+    assert cv.agreement == 0.5
+    lo, hi = cv.interval
+    assert lo == pytest.approx(0.150, abs=5e-4) and hi == pytest.approx(0.850, abs=5e-4)
+
+
+def test_wilson_interval_matches_the_formula():
+    # 8 of 10: centre (0.8 + z^2/20) / (1 + z^2/10), half-width z sqrt(0.016 + z^2/400) / (1 + z^2/10)
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    lo, hi = wilson_interval(5, 5)
+    assert hi == pytest.approx(1.0) and 0.5 < lo < 0.6
+
+
+def test_out_of_sample_agreement_of_a_lucky_policy_is_near_chance():
+    """With random gold labels every policy is a coin flip: the best of ~15 on the gold set looks
+    better than chance in sample, and cross-validation sees through it."""
+    import random
+
+    in_sample, out_of_sample = [], []
+    for seed in range(30):
+        rng = random.Random(seed)
+        gold = [
+            (rng.choice((-1, 1)) * rng.uniform(0.1, 3.0), rng.uniform(1.0, 5.0)) for _ in range(40)
+        ]
+        best, results = evaluate_policies(gold)
+        assert len(results) >= 12
+        cv = cross_validate(gold)
+        in_sample.append(best.agreement)
+        out_of_sample.append(cv.agreement)
+    mean_in = sum(in_sample) / len(in_sample)
+    mean_out = sum(out_of_sample) / len(out_of_sample)
+    assert mean_in > 0.58
+    assert abs(mean_out - 0.5) < 0.06
+    assert mean_in - mean_out > 0.1
 
 
 class LengthScore(Stage):
@@ -437,8 +633,40 @@ def test_reliability_filter_replays_the_judge_on_gold_pairs(tmp_path):
     assert [len(r.pairs) for r in out] == [1, 0, 1]  # pairs of other judges are not its business
     assert stage.counters["dropped:unreliable_margin"] == 1
     key = next(k for k in stage.counters if k.startswith("selected:"))
-    assert "agreement=1.000" in key and "baseline_agreement=0.500" in key
+    # big-gap pairs are kept and agree in every fold, small-gap ones dropped: 6 of 6 out of sample
+    assert stage.cv.kept == 6 and stage.cv.agreement == 1.0 and stage.cv.folds == 10
+    assert key == (
+        "selected:margin>=9 out_of_sample_agreement=1.000 ci95=[0.610,1.000] held_out_kept=6/12 "
+        "folds=10 in_sample_agreement=1.000 gold_kept=6/12 baseline_agreement=0.500"
+    )
     assert stage.fingerprint()["gold"]
+
+
+def test_reliability_report_leads_with_the_out_of_sample_agreement(tmp_path):
+    from synthpref.report import build_report
+
+    gold = [
+        {"prompt": f"Q{i}", "chosen": "good " * (4 + i % 3), "rejected": "bad"} for i in range(8)
+    ]
+    gold += [{"prompt": f"S{i}", "chosen": "ok", "rejected": "meh " * 2} for i in range(4)]
+    (tmp_path / "gold.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gold))
+    stages = [
+        {"type": FAKE + "FakeGenerate", "name": "gen", "n": 3},
+        {"type": FAKE + "FakeJudge", "name": "len"},
+        {"type": "pairs"},
+        {"type": "reliability_filter", "gold": str(tmp_path / "gold.jsonl"), "folds": 4},
+    ]
+    run_dir, result = run_recipe(tmp_path, PROMPTS, stages, ["preference"])
+    stage = next(s for s in result.stages if s.name == "reliability_filter")
+    key = next(k for k in stage.counters if k.startswith("selected:"))
+    assert "out_of_sample_agreement=" in key and "folds=4" in key
+    md = build_report(run_dir).markdown.read_text()
+    section = md[md.index("## Reliability filter `reliability_filter`") :]
+    headline = section.split("\n")[2]
+    assert headline.startswith("Selected policy **")
+    assert "out-of-sample agreement with the gold labels" in headline
+    assert "95% CI" in headline and "4-fold cross-validation" in headline
+    assert "in-sample agreement" in section.lower() and "optimistic" in section
 
 
 def test_reliability_filter_needs_a_readable_gold_file(tmp_path):
@@ -479,7 +707,7 @@ def test_curation_recipe_end_to_end_on_the_embedded_model(tmp_path):
 
     prompts = [
         *TINY,
-        {"id": "dup", "prompt": "what is 3+4"},
+        {"id": "dup", "prompt": "what is  3 + 4?"},  # case and whitespace only
         {"id": "eval", "prompt": "Name a prime number."},
     ]
     (tmp_path / "eval.txt").write_text("Name a prime number.\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,15 +73,31 @@ def prompt_text(record: Record, roles: tuple[str, ...] = ("user",)) -> str:
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+_WORD_OR_SYMBOL = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+def fold(text: str) -> str:
+    """Unicode NFKC and case folding, so full-width, ligature and case variants compare equal."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
 
 
 def words(text: str) -> list[str]:
-    """Lower-cased word tokens (punctuation and whitespace differences do not matter)."""
-    return _WORD.findall(text.casefold())
+    """Folded word tokens (punctuation and whitespace differences do not matter)."""
+    return _WORD.findall(fold(text))
 
 
-def normalise(text: str) -> str:
-    return " ".join(words(text))
+def words_and_symbols(text: str) -> list[str]:
+    """Folded word tokens plus every punctuation or symbol character as a token of its own.
+
+    For comparisons where ``>`` versus ``<`` or ``+`` versus ``-`` changes the meaning; whitespace
+    still does not matter (``3+4`` and ``3 + 4`` give the same tokens).
+    """
+    return _WORD_OR_SYMBOL.findall(fold(text))
+
+
+def exact_text(text: str) -> str:
+    """The text up to case, Unicode compatibility forms and runs of whitespace; nothing else."""
+    return " ".join(fold(text).split())
 
 
 def ngrams(tokens: list[str], n: int) -> set[tuple[str, ...]]:

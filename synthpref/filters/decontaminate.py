@@ -2,9 +2,22 @@
 
 Training on benchmark prompts inflates benchmark scores, so prompts that share long word sequences
 with evaluation prompts are removed (the n-gram overlap test of GPT-3, Llama and Tulu decontamination).
-Texts are compared as lower-cased word tokens. A prompt is contaminated when at least ``min_overlap``
-of its word ``ngram``-grams occur in some evaluation prompt; a prompt shorter than ``ngram`` words is
-contaminated only if it equals an evaluation prompt.
+Texts are compared as folded word tokens (case, Unicode NFKC forms and punctuation aside).
+
+Overlap is measured against each evaluation item in both directions, and the larger share counts:
+
+- how much of the *item* is inside the prompt (the share of the item's word ``ngram``-grams that occur
+  in the prompt): an item pasted after a long instruction is caught, though it is a small part of the
+  prompt;
+- how much of the *prompt* is inside the item (the share of the prompt's ``ngram``-grams that occur in
+  the item): a prompt that copies part of an item is caught, though it holds little of the item.
+
+An item shorter than ``ngram`` words has no ``ngram``-gram, so it is matched as a whole: it counts as
+inside a prompt (overlap 1.0) when its words occur in the prompt as one contiguous run, provided it has
+at least ``short_min_words`` words; shorter items (a one-word answer is in too many prompts) and
+prompts shorter than ``ngram`` words count only when equal to an item. A prompt is contaminated when
+its overlap with some item reaches ``min_overlap``; the item with the highest overlap (the first in
+the files on a tie) is the one reported, by its index in the evaluation set, when flagging.
 
 ``eval_prompts`` lists files of evaluation prompts, relative to the recipe: ``.txt`` (one prompt per
 line), ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` with a ``prompt_field`` column (a string or a
@@ -16,15 +29,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from synthpref.filters._common import flag, ngrams, prompt_text, resolve, words
 from synthpref.records import Record
 from synthpref.stages.base import Stage, StageParams
 from synthpref.stages.registry import register_stage
+
+_SHOWN_CHARS = 80
 
 
 class DecontaminateParams(StageParams):
@@ -36,14 +52,78 @@ class DecontaminateParams(StageParams):
     prompt_field: str = Field("prompt", description="the prompt column of structured files")
     ngram: int = Field(8, ge=1, description="words per n-gram")
     min_overlap: float = Field(
-        0.5, gt=0, le=1, description="share of a prompt's n-grams found in the evaluation set"
+        0.5,
+        gt=0,
+        le=1,
+        description="overlap with one evaluation item from which a prompt is contaminated: the larger "
+        "of the share of the item's n-grams inside the prompt and the share of the prompt's n-grams "
+        "inside the item",
+    )
+    short_min_words: int = Field(
+        3,
+        ge=1,
+        description="an evaluation item shorter than ngram words is looked for inside prompts if it "
+        "has at least this many words; a shorter one only matches an equal prompt",
     )
     action: Literal["drop", "flag"] = "drop"
 
 
+class Match(BaseModel):
+    """The evaluation item a prompt overlaps most, and by how much."""
+
+    overlap: float
+    item: int | None = None
+
+
+class _EvalIndex:
+    """The evaluation items, indexed for both directions of the overlap test."""
+
+    def __init__(self, items: list[list[str]], n: int, short_min_words: int) -> None:
+        self.n = n
+        self.grams_per_item: list[int] = []
+        self.by_gram: dict[tuple[str, ...], list[int]] = {}
+        self.short: dict[int, dict[tuple[str, ...], int]] = {}  # length -> words -> first item
+        self.whole: dict[tuple[str, ...], int] = {}
+        for i, tokens in enumerate(items):
+            self.whole.setdefault(tuple(tokens), i)
+            grams = ngrams(tokens, n)
+            self.grams_per_item.append(len(grams))
+            for gram in grams:
+                self.by_gram.setdefault(gram, []).append(i)
+            if not grams and len(tokens) >= short_min_words:
+                self.short.setdefault(len(tokens), {}).setdefault(tuple(tokens), i)
+
+    def match(self, tokens: list[str]) -> Match:
+        best = Match(overlap=0.0)
+        equal = self.whole.get(tuple(tokens))
+        if equal is not None:
+            return Match(overlap=1.0, item=equal)
+        for size, items in sorted(self.short.items()):
+            for gram in ngrams(tokens, size):
+                if gram in items:
+                    best = _better(best, Match(overlap=1.0, item=items[gram]))
+        grams = ngrams(tokens, self.n)
+        hits: Counter[int] = Counter()
+        for gram in grams:
+            for i in self.by_gram.get(gram, ()):
+                hits[i] += 1
+        for i, shared in hits.items():
+            share = max(shared / self.grams_per_item[i], shared / len(grams))
+            best = _better(best, Match(overlap=share, item=i))
+        return best
+
+
+def _better(a: Match, b: Match) -> Match:
+    if b.overlap > a.overlap or (
+        b.overlap == a.overlap and b.item is not None and (a.item is None or b.item < a.item)
+    ):
+        return b
+    return a
+
+
 @register_stage
 class Decontaminate(Stage):
-    """Drops prompts whose word n-grams overlap a given set of evaluation prompts."""
+    """Drops prompts that contain, or are contained in, an evaluation prompt (word n-gram overlap)."""
 
     type_name = "decontaminate"
     kind = "filter"
@@ -52,9 +132,8 @@ class Decontaminate(Stage):
 
     def __init__(self, name: str, params: DecontaminateParams, ctx=None) -> None:
         super().__init__(name, params, ctx)
-        self._eval: list[list[str]] | None = None
-        self._grams: set[tuple[str, ...]] = set()
-        self._whole: dict[str, int] = {}
+        self._texts: list[str] = []
+        self._index: _EvalIndex | None = None
         self._hash: str | None = None
 
     def prepare(self, records: list[Record], recipe=None) -> None:
@@ -66,32 +145,28 @@ class Decontaminate(Stage):
             texts += read_prompts(path, self.params.prompt_field)
         if not texts:
             raise ValueError(f"eval_prompts: no prompt in {', '.join(map(str, paths))}")
-        self._eval = [words(t) for t in texts]
-        n = self.params.ngram
-        self._grams = set().union(*(ngrams(tokens, n) for tokens in self._eval))
-        self._whole = {}
-        for i, tokens in enumerate(self._eval):
-            self._whole.setdefault(" ".join(tokens), i)
-        self._hash = hashlib.sha256("\n".join(" ".join(t) for t in self._eval).encode()).hexdigest()
+        items = [words(t) for t in texts]
+        self._texts = texts
+        self._index = _EvalIndex(items, self.params.ngram, self.params.short_min_words)
+        self._hash = hashlib.sha256("\n".join(" ".join(t) for t in items).encode()).hexdigest()
 
     def fingerprint(self) -> dict:
         return {"eval_prompts": self._hash} if self._hash else {}
 
-    def overlap(self, text: str) -> float:
-        """The share of ``text``'s n-grams that occur in the evaluation prompts (1.0: exact match)."""
-        if self._eval is None:
+    def match(self, text: str) -> Match:
+        """The evaluation item ``text`` overlaps most (1.0: one holds the other entirely)."""
+        if self._index is None:
             self.load([Path(p).expanduser() for p in self.params.eval_prompts])
-        tokens = words(text)
-        if len(tokens) < self.params.ngram:
-            return 1.0 if " ".join(tokens) in self._whole else 0.0
-        grams = ngrams(tokens, self.params.ngram)
-        return len(grams & self._grams) / len(grams)
+        return self._index.match(words(text))
+
+    def overlap(self, text: str) -> float:
+        return self.match(text).overlap
 
     async def process(self, records: list[Record]) -> list[Record]:
         out = []
         for record in records:
-            share = self.overlap(prompt_text(record))
-            if share < self.params.min_overlap:
+            found = self.match(prompt_text(record))
+            if found.overlap < self.params.min_overlap:
                 self.counters["kept"] += 1
                 out.append(record)
             elif self.params.action == "drop":
@@ -99,9 +174,20 @@ class Decontaminate(Stage):
             else:
                 self.counters["kept"] += 1
                 self.counters["flagged:contaminated"] += 1
-                flag(record, self.name, "contaminated", overlap=round(share, 3))
+                flag(
+                    record,
+                    self.name,
+                    "contaminated",
+                    overlap=round(found.overlap, 3),
+                    eval_item=found.item,
+                    eval_text=_shown(self._texts[found.item]),
+                )
                 out.append(record)
         return out
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
 
 
 def read_prompts(path: Path, field: str = "prompt") -> list[str]:

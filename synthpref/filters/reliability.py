@@ -19,15 +19,27 @@ pairs, each keeping a subset of them:
 
 Agreement is the share of kept gold pairs where the judge prefers the human-chosen response. Among the
 policies that keep at least ``min_keep`` of the gold pairs the most agreeing one is selected (ties: the
-one keeping more), and applied to the run's pairs built from that judge. The selection and its gold
-agreement, with the baseline's, are reported as the counter key ``selected:<policy> agreement=... ``.
-The gold evaluation is deterministic (same judge, same cached calls), so every shard, resumed or not,
-uses the same policy.
+one keeping more), and applied to the run's pairs built from that judge.
+
+The selected policy's agreement on the gold pairs it was selected on is optimistic: with a dozen gold
+pairs and some fifteen policies, the best one agrees well by luck alone. The headline figure is
+therefore out of sample, by ``folds``-fold cross-validation over the gold pairs (pair *i* in fold
+*i mod k*; leave-one-out when there are no more pairs than folds): the whole selection, candidate
+thresholds and bands included, is redone on the other folds and the chosen policy judged on the
+held-out fold; the held-out pairs it keeps, pooled over the folds, give the agreement and its 95%
+Wilson score interval. This estimates how well the selection procedure picks a reliable region, which
+is what the policy applied to the run (selected on all gold pairs) relies on.
+
+Both figures and the baseline's are reported in the counter key ``selected:<policy>
+out_of_sample_agreement=... ci95=[lo,hi] held_out_kept=k/n folds=f in_sample_agreement=...
+gold_kept=k/n baseline_agreement=...``. The gold evaluation is deterministic (same judge, same cached
+calls), so every shard, resumed or not, uses the same policy.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 from pydantic import Field
@@ -39,6 +51,7 @@ from synthpref.stages.pairs import candidate_scores
 from synthpref.stages.registry import register_stage
 
 _EPS = 1e-9
+_Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 
 class ReliabilityParams(StageParams):
@@ -59,6 +72,12 @@ class ReliabilityParams(StageParams):
         0.3, gt=0, le=1, description="a policy must keep at least this share of the gold pairs"
     )
     seed: int = Field(0, description="seed of which gold response is shown first to the judge")
+    folds: int = Field(
+        10,
+        ge=2,
+        description="cross-validation folds for the out-of-sample agreement (leave-one-out when the "
+        "gold set has no more pairs)",
+    )
 
 
 @dataclass(frozen=True)
@@ -132,6 +151,61 @@ def evaluate_policies(
     return best, results
 
 
+def wilson_interval(successes: int, n: int, z: float = _Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion: unlike the normal approximation it stays inside [0, 1]
+    and is not degenerate at 0/n or n/n, which matters on small gold sets. (0, 1) when n is 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class CrossValidation:
+    """Held-out gold pairs kept by the policy selected on the other folds, pooled over the folds."""
+
+    kept: int
+    agree: int
+    total: int
+    folds: int
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agree / self.kept if self.kept else None
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return wilson_interval(self.agree, self.kept)
+
+
+def cross_validate(
+    gold: list[tuple[float, float]],
+    margins: list[float] | None = None,
+    bands: int = 3,
+    min_keep: float = 0.3,
+    folds: int = 10,
+) -> CrossValidation:
+    """Out-of-sample agreement of :func:`evaluate_policies`' selection, by k-fold cross-validation.
+
+    Pair *i* is in fold *i mod k* (k = min(folds, pairs): leave-one-out on small gold sets).
+    """
+    k = min(folds, len(gold))
+    if k < 2:
+        return CrossValidation(kept=0, agree=0, total=len(gold), folds=0)
+    kept = agree = 0
+    for fold in range(k):
+        train = [g for i, g in enumerate(gold) if i % k != fold]
+        best, _ = evaluate_policies(train, margins, bands, min_keep)
+        for margin, top in gold[fold::k]:
+            if best.policy.keeps(margin, top):
+                kept += 1
+                agree += margin > 0
+    return CrossValidation(kept=kept, agree=agree, total=len(gold), folds=k)
+
+
 def _quantiles(values: list[float], k: int, include_ends: bool = False) -> list[float]:
     if not values:
         return []
@@ -163,6 +237,7 @@ class ReliabilityFilter(Stage):
         self.selected: PolicyResult | None = None
         self.results: list[PolicyResult] = []
         self.baseline: PolicyResult | None = None
+        self.cv: CrossValidation | None = None
 
     def check(self, previous: list[Stage]) -> list[str]:
         problems = needs_pairs(previous) + judge_problems(
@@ -217,18 +292,27 @@ class ReliabilityFilter(Stage):
             gold, self.params.margins, self.params.bands, self.params.min_keep
         )
         self.baseline = self.results[0]
+        self.cv = cross_validate(
+            gold, self.params.margins, self.params.bands, self.params.min_keep, self.params.folds
+        )
         return self.selected
 
     async def process(self, records: list[Record]) -> list[Record]:
         if self.selected is None:
             await self.calibrate()
-        sel, base = self.selected, self.baseline
-        key = (
-            f"selected:{sel.policy.describe()} agreement={_fmt(sel.agreement)} "
-            f"gold_kept={sel.kept}/{sel.total} baseline_agreement={_fmt(base.agreement)}"
-        )
-        self.counters[key] += sum(len(r.pairs) for r in records)
+        self.counters[self.summary_key()] += sum(len(r.pairs) for r in records)
         return filter_pairs(self, records, self._decide)
+
+    def summary_key(self) -> str:
+        """The counter key that carries the calibration into the run summary and report."""
+        sel, base, cv = self.selected, self.baseline, self.cv
+        lo, hi = cv.interval
+        return (
+            f"selected:{sel.policy.describe()} out_of_sample_agreement={_fmt(cv.agreement)} "
+            f"ci95=[{lo:.3f},{hi:.3f}] held_out_kept={cv.kept}/{cv.total} folds={cv.folds} "
+            f"in_sample_agreement={_fmt(sel.agreement)} gold_kept={sel.kept}/{sel.total} "
+            f"baseline_agreement={_fmt(base.agreement)}"
+        )
 
     def _decide(self, record: Record, pair: Pair) -> str | None:
         if pair.judge != self.judge:

@@ -11,6 +11,12 @@ from synthpref.filters.length_bias import length_stats
 from synthpref.report.collect import RunStats
 
 _SELECTED = re.compile(
+    r"^selected:(?P<policy>.+?) out_of_sample_agreement=(?P<cv>\S+) ci95=\[(?P<lo>[^,]+),(?P<hi>[^\]]+)\] "
+    r"held_out_kept=(?P<cv_kept>\S+) folds=(?P<folds>\d+) in_sample_agreement=(?P<agree>\S+) "
+    r"gold_kept=(?P<kept>\S+) baseline_agreement=(?P<base>\S+)$"
+)
+# the key of runs made before the out-of-sample figure existed: in-sample only
+_SELECTED_IN_SAMPLE = re.compile(
     r"^selected:(?P<policy>.+?) agreement=(?P<agree>\S+) gold_kept=(?P<kept>\S+) baseline_agreement=(?P<base>\S+)$"
 )
 
@@ -121,6 +127,7 @@ def render(
         ]
     else:
         out += ["Nothing was dropped.", ""]
+    out += _truncation_lines(stats)
     if stats.flags:
         out += [
             "Flagged (kept, marked in `annotations.flags`): "
@@ -271,17 +278,7 @@ def _filter_sections(stats: RunStats, hh: str) -> list[str]:
                 out += [f"Dropped {dropped}, flagged {flagged} length-biased pair(s).", ""]
         if s.type == "reliability_filter":
             for key in s.counters:
-                m = _SELECTED.match(key)
-                if m:
-                    out += [
-                        f"{hh} Reliability filter `{s.name}`",
-                        "",
-                        f"Selected policy **{m['policy']}** on the gold set: agreement with the gold "
-                        f"labels {m['agree']} on {m['kept']} gold pairs kept (all pairs: "
-                        f"{m['base']}). Dropped {s.counters.get('dropped:unreliable_margin', 0) + s.counters.get('dropped:unreliable_band', 0)} "
-                        f"of {s.pairs_in or 0} run pairs.",
-                        "",
-                    ]
+                out += _reliability_section(s, key, hh)
         if s.type == "consistency_filter":
             per = {}
             for key, n in s.counters.items():
@@ -301,6 +298,47 @@ def _filter_sections(stats: RunStats, hh: str) -> list[str]:
                     "",
                 ]
     return out
+
+
+def _truncation_lines(stats: RunStats) -> list[str]:
+    """Candidates cut off at max_tokens are per candidate, not per row, so they get their own line."""
+    out = []
+    for s in stats.stages:
+        if n := s.counters.get("truncated_candidates_excluded", 0):
+            out += [
+                f"Stage `{s.name}` left out {n} candidate(s) cut off at max_tokens (finish reason "
+                "`length`) from its pairs; `allow_truncated: true` on the stage pairs them.",
+                "",
+            ]
+    return out
+
+
+def _reliability_section(s: Any, key: str, hh: str) -> list[str]:
+    """The out-of-sample agreement first; the in-sample one is optimistic (chosen on the same pairs)."""
+    dropped = s.counters.get("dropped:unreliable_margin", 0) + s.counters.get(
+        "dropped:unreliable_band", 0
+    )
+    tail = f"Dropped {dropped} of {s.pairs_in or 0} run pairs."
+    m = _SELECTED.match(key)
+    if m:
+        lines = [
+            f"Selected policy **{m['policy']}**: out-of-sample agreement with the gold labels "
+            f"{m['cv']} (95% CI {m['lo']}–{m['hi']}) by {m['folds']}-fold cross-validation: the "
+            f"policy chosen on the other folds kept {m['cv_kept']} held-out gold pairs.",
+            "",
+            f"In-sample agreement {m['agree']} on {m['kept']} gold pairs kept (chosen and measured on "
+            f"the same pairs, so optimistic); all pairs: {m['base']}. {tail}",
+        ]
+    else:
+        m = _SELECTED_IN_SAMPLE.match(key)
+        if not m:
+            return []
+        lines = [
+            f"Selected policy **{m['policy']}**: in-sample agreement with the gold labels "
+            f"{m['agree']} on {m['kept']} gold pairs kept (chosen and measured on the same pairs, so "
+            f"optimistic; this run predates the out-of-sample figure); all pairs: {m['base']}. {tail}"
+        ]
+    return [f"{hh} Reliability filter `{s.name}`", "", *lines, ""]
 
 
 def _squeeze(lines: list[str]) -> list[str]:

@@ -10,7 +10,9 @@
   best place) are stored as ``record.annotations["ranking"]`` = ``{judge, candidate_ids, scores}``, the
   input of the ``listwise`` dataset format. Pairs built by other pairs stages are left alone.
 
-Each rule returns the reason counted for the record (``pairs`` when it produced something).
+Each rule returns the reason counted for the record (``pairs`` when it produced something). The
+``scores`` a rule receives no longer hold candidates cut off at max_tokens, unless the stage's
+``allow_truncated`` is set (see :mod:`synthpref.stages.pairs`).
 """
 
 from __future__ import annotations

@@ -5,6 +5,13 @@ reason counted) when fewer than two candidates have a score, when all scores tie
 identical, or when the margin is below ``min_margin``. Scores come from :func:`candidate_scores`: the
 mean of a pointwise judge's scores, or for a pairwise judge each candidate's mean preference over its
 comparisons.
+
+Candidates cut off at ``max_tokens`` (``finish_reason == "length"``) take part in no rule unless
+``allow_truncated`` is set: as chosen, an unfinished reply would be taught as the better one, and as
+rejected it makes the pair about being cut off rather than about quality. They are counted
+(``truncated_candidates_excluded``), and a prompt left with fewer than two finished, scored candidates
+is skipped as ``skipped_truncated``. A missing finish reason (candidates given in the input) is not
+truncation.
 """
 
 from __future__ import annotations
@@ -17,6 +24,12 @@ from synthpref.records import Pair, Record
 from synthpref.stages import pair_rules
 from synthpref.stages.base import Stage, StageParams
 from synthpref.stages.registry import register_stage
+
+TRUNCATED = "length"  # the finish reason of a generation cut off at max_tokens
+
+
+def _truncated(record: Record, candidate_id: str) -> bool:
+    return record.candidate(candidate_id).finish_reason == TRUNCATED
 
 
 def candidate_scores(record: Record, judge: str) -> dict[str, float]:
@@ -51,6 +64,11 @@ class PairsParams(StageParams):
     )
     min_margin: float = Field(0.0, ge=0, description="skip pairs whose score gap is smaller")
     seed: int = Field(0, description="seed of best_random's draw of the rejected response")
+    allow_truncated: bool = Field(
+        False,
+        description="also pair candidates cut off at max_tokens (finish_reason 'length'); by default "
+        "they are left out and counted",
+    )
 
 
 @register_stage
@@ -89,6 +107,13 @@ class BuildPairs(Stage):
         scores = candidate_scores(record, self.judge)
         if len(scores) < 2:
             return "skipped_fewer_than_2_scored"
+        if not self.params.allow_truncated:
+            finished = {c: s for c, s in scores.items() if not _truncated(record, c)}
+            if len(finished) < len(scores):
+                self.counters["truncated_candidates_excluded"] += len(scores) - len(finished)
+                scores = finished
+            if len(scores) < 2:
+                return "skipped_truncated"
         if self.params.rule != "best_worst":
             return pair_rules.apply(self, record, scores)
         ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
