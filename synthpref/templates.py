@@ -1,8 +1,13 @@
 """Judge prompts are Jinja templates in ``prompts/``; each judgment records its template's hash.
 
-A recipe may name a shipped template (``rubric/helpfulness.jinja``) or a file of its own (looked up
-relative to the recipe first). The hash covers the template and every template it extends or
-includes, so a dataset row can always be traced to the exact wording that scored it.
+A recipe may name a shipped template (``rubric/helpfulness.jinja``) or a file of its own; every file a
+recipe names follows one rule (:func:`find_recipe_file`): relative to the recipe, then among the
+shipped prompts. The hash covers the template and every template it extends or includes, so a dataset
+row can always be traced to the exact wording that scored it.
+
+Templates and recipe strings are rendered in Jinja's immutable sandbox: a recipe is data, and the one
+explicit way it runs code is a ``module:Class`` stage. Without the sandbox, ``{{ cycler.__init__
+.__globals__.os.system(...) }}`` in any recipe string would run a shell command during ``validate``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 
 import jinja2
 import jinja2.meta
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 
 def prompts_dir() -> Path:
@@ -24,6 +30,42 @@ def prompts_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "prompts"
 
 
+class RecipeFileNotFound(FileNotFoundError):
+    """A file a recipe names is in none of the places the path rule looks."""
+
+    def __init__(self, name: str, tried: list[Path]) -> None:
+        self.name = name
+        self.tried = tried
+        super().__init__(f"{name!r} not found (looked for {', '.join(map(str, tried))})")
+
+
+class UnsafeTemplate(ValueError):
+    """A template or recipe string tried something the sandbox forbids (attribute internals, ...)."""
+
+
+def find_recipe_file(name: str, base_dir: str | Path | None = None) -> Path:
+    """The one rule for a file a recipe names: a template, CDR exemplars, a follow-up set, ...
+
+    An absolute path is used as given. A relative one is looked up beside the recipe (``base_dir``;
+    the working directory for a recipe given as a mapping), then among the shipped prompts, so a
+    recipe's own file shadows a shipped one of the same name and a shipped name works from anywhere.
+    """
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        tried = [path]
+    else:
+        tried = [Path(base_dir or Path.cwd()) / path]
+        if ".." not in path.parts:
+            tried.append(prompts_dir() / path)
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate
+    raise RecipeFileNotFound(name, tried)
+
+
+_SANDBOX_HINT = "(templates run sandboxed: use the variables they are given, not Python internals)"
+
+
 @dataclass(frozen=True)
 class Template:
     name: str
@@ -31,17 +73,33 @@ class Template:
     _compiled: jinja2.Template
 
     def render(self, **variables) -> str:
-        return self._compiled.render(**variables).strip()
+        try:
+            return self._compiled.render(**variables).strip()
+        except SecurityError as exc:
+            raise UnsafeTemplate(f"template {self.name!r}: {exc} {_SANDBOX_HINT}") from None
 
 
 @lru_cache(maxsize=16)
-def _env(base_dir: str | None) -> jinja2.Environment:
-    paths = [p for p in (base_dir, str(prompts_dir())) if p]
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(paths),
+def _env(search_path: tuple[str, ...]) -> jinja2.Environment:
+    return ImmutableSandboxedEnvironment(
+        loader=jinja2.FileSystemLoader(list(search_path)),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=False,
     )
+
+
+@lru_cache(maxsize=1)
+def _string_env() -> jinja2.Environment:
+    return ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined)
+
+
+def render_string(text: str, **variables) -> str:
+    """Literal text from a recipe, which may use the same variables as a template file."""
+    try:
+        return _string_env().from_string(text).render(**variables).strip()
+    except SecurityError as exc:
+        short = text if len(text) <= 80 else text[:77] + "..."
+        raise UnsafeTemplate(f"the text {short!r}: {exc} {_SANDBOX_HINT}") from None
 
 
 def _sources(env: jinja2.Environment, name: str, seen: set[str]) -> list[str]:
@@ -55,16 +113,31 @@ def _sources(env: jinja2.Environment, name: str, seen: set[str]) -> list[str]:
     return out
 
 
+def load_template(name: str, base_dir: str | Path | None = None) -> Template:
+    """A template by the path rule of :func:`find_recipe_file`.
+
+    The templates it extends or includes are looked up beside it, then beside the recipe, then among
+    the shipped prompts (so a recipe's template may extend ``rubric/_frame.jinja``).
+    """
+    return _load_template(name, str(base_dir or Path.cwd()))
+
+
 @lru_cache(maxsize=256)
-def load_template(name: str, base_dir: str | None = None) -> Template:
-    env = _env(base_dir)
+def _load_template(name: str, base_dir: str) -> Template:
+    path = find_recipe_file(name, base_dir)
+    roots = [str(path.parent), base_dir, str(prompts_dir())]
+    env = _env(tuple(dict.fromkeys(roots)))
     try:
-        compiled = env.get_template(name)
-        digest = hashlib.sha256("\0".join(_sources(env, name, set())).encode()).hexdigest()[:16]
+        compiled = env.get_template(path.name)
+        sources = _sources(env, path.name, set())
+        digest = hashlib.sha256("\0".join(sources).encode()).hexdigest()[:16]
     except jinja2.TemplateNotFound as exc:
         raise FileNotFoundError(
-            f"prompt template {exc.name!r} not found in {', '.join(env.loader.searchpath)}"
+            f"template {name!r} ({path}) uses {exc.name!r}, which is not in "
+            f"{', '.join(env.loader.searchpath)}"
         ) from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"template {name!r} ({path}) line {exc.lineno}: {exc.message}") from None
     return Template(name, digest, compiled)
 
 

@@ -78,7 +78,7 @@ class ChecklistWriter(Stage):
 
     @property
     def template(self) -> Template:
-        return load_template(self.params.template or "checklist/write.jinja")
+        return load_template(self.params.template or "checklist/write.jinja", self.base_dir)
 
     def models_used(self) -> list[str]:
         return [self.params.model]
@@ -90,8 +90,8 @@ class ChecklistWriter(Stage):
     def check(self, previous) -> list[str]:
         try:
             self.template  # noqa: B018 - loads and validates the path
-        except FileNotFoundError as exc:
-            return [str(exc)]
+        except (FileNotFoundError, ValueError) as exc:
+            return [f"template: {exc}"]
         return []
 
     def fingerprint(self) -> dict:
@@ -272,14 +272,14 @@ class ChecklistJudge(JudgeStage):
 
     @property
     def template(self) -> Template:
-        return load_template(self.params.template or "checklist/answer.jinja")
+        return load_template(self.params.template or "checklist/answer.jinja", self.base_dir)
 
     def check(self, previous) -> list[str]:
         problems = []
         try:
             self.template  # noqa: B018
-        except FileNotFoundError as exc:
-            problems.append(str(exc))
+        except (FileNotFoundError, ValueError) as exc:
+            problems.append(f"template: {exc}")
         if not any(isinstance(s, ChecklistWriter) for s in previous):
             problems.append(
                 "a checklist judge needs checklists: put a checklist_writer stage before it"

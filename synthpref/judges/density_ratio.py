@@ -16,7 +16,9 @@ assistant" and a "bad assistant" conditioning form a strong/weak pair; this is w
 The two sides are scored concurrently (``asyncio.gather`` over the two clients), which overlaps them
 when they sit on different devices or servers. Each candidate gets one pointwise judgment; one that
 cannot be scored (empty response, conversation over the context window with ``truncation: error``)
-becomes a ``failed`` judgment naming the record and the candidate, and the shard carries on.
+becomes a ``failed`` judgment naming the record and the candidate, and the shard carries on; a
+failing backend (rate limit, server down, misconfiguration) stops the shard instead, so that a rerun
+retries it rather than finding its failures checkpointed.
 
 This module also holds the helpers the follow-up-likelihood judge shares (failure isolation, data
 file lookup, hashing).
@@ -27,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,13 +38,13 @@ import jinja2
 import yaml
 from pydantic import Field, ValidationError
 
-from synthpref.backends.base import BackendError, CapabilityError
+from synthpref.backends.base import RequestError
 from synthpref.backends.client import ModelClient
 from synthpref.backends.types import ScoreRequest, ScoreResult
 from synthpref.records import Judgment, Message, Record
 from synthpref.stages.base import Stage, StageParams
 from synthpref.stages.registry import register_stage
-from synthpref.templates import load_template, prompts_dir
+from synthpref.templates import find_recipe_file, load_template, render_string
 
 # --- shared by the teacher-forced judges ------------------------------------------------------
 
@@ -54,47 +55,25 @@ def content_hash(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def find_data_file(path: str) -> Path:
-    """A data file as given (absolute, or relative to the working directory), else under prompts/."""
-    for candidate in (Path(path).expanduser(), prompts_dir() / path):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{path!r} is neither a file nor a file under {prompts_dir()}")
+def load_yaml_file(path: str, base_dir: str | Path | None = None) -> Any:
+    """A YAML data file a recipe names, found by the recipe path rule (beside it, then shipped)."""
+    return _read_yaml(find_recipe_file(path, base_dir))
 
 
 @lru_cache(maxsize=64)
-def load_yaml_file(path: str) -> Any:
-    found = find_data_file(path)
+def _read_yaml(found: Path) -> Any:
     try:
         return yaml.safe_load(found.read_text())
     except yaml.YAMLError as exc:
         raise ValueError(f"{found} is not valid YAML: {exc}") from exc
 
 
-def render_text(value: str, **variables: Any) -> str:
-    """A ``.jinja`` template name (from prompts/) or literal text, which may use the same variables."""
+def render_text(value: str, base_dir: str | Path | None = None, **variables: Any) -> str:
+    """A ``.jinja`` template file (by the recipe path rule) or literal text, which may use the same
+    variables; both rendered sandboxed, since this text comes from the recipe."""
     if value.endswith(".jinja"):
-        return load_template(value).render(**variables)
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
-    return env.from_string(value).render(**variables).strip()
-
-
-_PER_REQUEST = re.compile(r"^(score )?request \d+[: ]")
-
-
-def _request_specific(exc: BaseException) -> bool:
-    """Errors that one request causes (too long for the context, rejected by the server), as
-    opposed to the backend being unusable (unreachable server, no scoring), which must stop the run."""
-    if isinstance(exc, CapabilityError):
-        return False
-    if isinstance(exc, ValueError):  # SegmentError: over the context window, no token to score
-        return True
-    if isinstance(exc, BackendError):
-        text = str(exc)
-        return bool(_PER_REQUEST.match(text)) and not any(
-            s in text for s in ("could not connect", "timed out", "HTTP 401", "HTTP 404", "HTTP 5")
-        )
-    return False
+        return load_template(value, base_dir).render(**variables)
+    return render_string(value, **variables)
 
 
 async def score_isolated(
@@ -103,15 +82,17 @@ async def score_isolated(
     """Score every request in one call; when the call fails because of some of them, split it in
     halves until the failing requests are alone, and return their error text in their place.
 
-    Work finished before a failure is in the request cache, so the retries recompute nothing.
+    Only a :class:`RequestError` (the request's own content: over the context window, no token to
+    score, input the server rejects) is isolated this way. Anything else (a rate limit, a server
+    down, a misconfigured backend, a bug) propagates and stops the shard: recorded as failed
+    judgments it would be checkpointed and never retried. Work finished before a failure is in the
+    request cache, so the retries recompute nothing.
     """
     if not requests:
         return []
     try:
         return list(await client.score(requests))
-    except Exception as exc:
-        if not _request_specific(exc):
-            raise
+    except RequestError as exc:
         if len(requests) == 1:
             return [f"{type(exc).__name__}: {exc}"]
     half = len(requests) // 2
@@ -196,12 +177,25 @@ class Resolved:
     hash: str
 
 
-def resolve_customisation(custom: Customisation, domain: str) -> Resolved:
-    criteria = render_text(custom.criteria, domain=domain) if custom.criteria else ""
+def resolve_customisation(
+    custom: Customisation, domain: str, base_dir: str | Path | None = None
+) -> Resolved:
+    def text(field: str, **variables: Any) -> str | None:
+        """A text field rendered; its errors name the field (``chat.strong_system``)."""
+        value = getattr(custom, field)
+        try:
+            return render_text(value, base_dir, **variables) if value else None
+        except (OSError, ValueError, jinja2.TemplateError) as exc:
+            raise ValueError(f"{domain}.{field}: {exc}") from None
+
+    criteria = text("criteria", domain=domain) or ""
     variables = {"criteria": criteria, "domain": domain}
     exemplars = custom.exemplars
     if isinstance(exemplars, str):
-        data = load_yaml_file(exemplars)
+        try:
+            data = load_yaml_file(exemplars, base_dir)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{domain}.exemplars: {exc}") from None
         items = data.get("exemplars", data) if isinstance(data, dict) else data
         if not isinstance(items, list):
             raise ValueError(f"{exemplars}: expected a list of {{prompt, good, bad}}")
@@ -210,15 +204,15 @@ def resolve_customisation(custom: Customisation, domain: str) -> Resolved:
         except ValidationError as exc:
             raise ValueError(f"{exemplars}: {exc}") from None
 
-    def side(system: str | None, answer: str) -> Side:
+    def side(system_field: str, answer: str) -> Side:
         turns: list[Message] = []
         for ex in exemplars:
             turns.append(Message(role="user", content=ex.prompt))
             turns.append(Message(role="assistant", content=getattr(ex, answer)))
-        return Side(render_text(system, **variables) if system else None, tuple(turns))
+        return Side(text(system_field, **variables), tuple(turns))
 
-    strong = side(custom.strong_system, "good")
-    weak = side(custom.weak_system, "bad" if custom.exemplar_answers == "contrastive" else "good")
+    strong = side("strong_system", "good")
+    weak = side("weak_system", "bad" if custom.exemplar_answers == "contrastive" else "good")
     digest = content_hash(
         {
             s: {"system": x.system, "turns": [m.model_dump() for m in x.turns]}
@@ -306,7 +300,8 @@ class DensityRatioJudge(Stage):
     def resolved(self) -> dict[str, Resolved]:
         if not hasattr(self, "_resolved"):
             self._resolved = {
-                d: resolve_customisation(c, d) for d, c in self.customisations().items()
+                d: resolve_customisation(c, d, self.base_dir)
+                for d, c in self.customisations().items()
             }
         return self._resolved
 

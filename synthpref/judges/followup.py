@@ -18,6 +18,7 @@ that prefix once rather than once per follow-up.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationError
@@ -58,14 +59,16 @@ class Loaded:
     hash: str
 
 
-def load_followups(dimension: str, source: str | FollowupSet | None) -> Loaded:
+def load_followups(
+    dimension: str, source: str | FollowupSet | None, base_dir: str | Path | None = None
+) -> Loaded:
     """A dimension's set: inline, from a YAML file, or shipped (prompts/followups/<dimension>.yaml)."""
     if isinstance(source, FollowupSet):
         fs = source
     else:
         path = source or f"followups/{dimension}.yaml"
         try:
-            data = load_yaml_file(path)
+            data = load_yaml_file(path, base_dir)
         except FileNotFoundError:
             if source is None:
                 raise FileNotFoundError(
@@ -128,7 +131,8 @@ class FollowupJudge(Stage):
     def sets(self) -> list[Loaded]:
         if not hasattr(self, "_sets"):
             self._sets = [
-                load_followups(d, self.params.followups.get(d)) for d in self.params.dimensions
+                load_followups(d, self.params.followups.get(d), self.base_dir)
+                for d in self.params.dimensions
             ]
         return self._sets
 

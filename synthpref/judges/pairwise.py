@@ -150,14 +150,14 @@ class TwoOrderJudge(JudgeStage):
 
     @property
     def template(self) -> Template:
-        return load_template(self.params.template or self.default_template)
+        return load_template(self.params.template or self.default_template, self.base_dir)
 
     def check(self, previous) -> list[str]:
         problems = []
         try:
             self.template  # noqa: B018 - loads and validates the path
-        except FileNotFoundError as exc:
-            problems.append(str(exc))
+        except (FileNotFoundError, ValueError) as exc:
+            problems.append(f"template: {exc}")
         if self.params.samples > 1 and self.params.temperature == 0:
             problems.append(
                 f"samples: {self.params.samples} with temperature: 0 draws the same verdict "

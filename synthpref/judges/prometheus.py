@@ -114,8 +114,8 @@ def _template_check(stage) -> list[str]:
     problems = []
     try:
         stage.template  # noqa: B018 - loads and validates the path
-    except FileNotFoundError as exc:
-        problems.append(str(exc))
+    except (FileNotFoundError, ValueError) as exc:
+        problems.append(f"template: {exc}")
     return problems
 
 
@@ -146,7 +146,7 @@ class AbsoluteJudge(JudgeStage):
 
     @property
     def template(self) -> Template:
-        return load_template(self.params.template or "prometheus/absolute.jinja")
+        return load_template(self.params.template or "prometheus/absolute.jinja", self.base_dir)
 
     def check(self, previous) -> list[str]:
         problems = _template_check(self)

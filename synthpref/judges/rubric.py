@@ -53,15 +53,17 @@ class RubricJudge(JudgeStage):
     score_range = (1.0, 5.0)
 
     def template(self, aspect: str):
-        return load_template(self.params.templates.get(aspect, f"rubric/{aspect}.jinja"))
+        name = self.params.templates.get(aspect, f"rubric/{aspect}.jinja")
+        return load_template(name, self.base_dir)
 
     def check(self, previous) -> list[str]:
         problems = []
         for aspect in self.params.aspects:
             try:
                 self.template(aspect)
-            except FileNotFoundError as exc:
-                problems.append(f"aspect {aspect!r}: {exc}")
+            except (FileNotFoundError, ValueError) as exc:
+                where = f"templates.{aspect}" if aspect in self.params.templates else "aspects"
+                problems.append(f"{where}: {exc}")
         if not any(s.kind == "generator" for s in previous):
             problems.append("a judge needs candidates: put a generate stage before it")
         return problems

@@ -7,15 +7,19 @@ model, since those are open sets that plugins extend. Both report the YAML path 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from synthpref.backends.specs import VOLATILE
+from synthpref.recipes.numbers import RecipeNumbers
+
+STAGE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-class _Strict(BaseModel):
+class _Strict(RecipeNumbers):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -41,13 +45,27 @@ class SourceSpec(_Strict):
         return self
 
 
-class StageSpec(BaseModel):
-    """One stage: its ``type``, an optional unique ``name``, and the stage's own parameters."""
+class StageSpec(RecipeNumbers):
+    """One stage: its ``type``, an optional unique ``name``, and the stage's own parameters.
+
+    The name becomes part of checkpoint directories and candidate ids, hence a plain word: letters,
+    digits, ``_``, ``-`` and ``.``, never a path separator or ``..``.
+    """
 
     model_config = ConfigDict(extra="allow")
 
     type: str
-    name: str | None = None
+    name: str | None = Field(None, description="letters, digits, '_', '-', '.'; default: the type")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_word(cls, name: str | None) -> str | None:
+        if name is not None and (not STAGE_NAME.fullmatch(name) or ".." in name):
+            raise ValueError(
+                f"{name!r} is not a plain stage name: use letters, digits, '_', '-' and '.' "
+                "(no path separator, no '..', no spaces); it names checkpoint folders"
+            )
+        return name
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -62,13 +80,14 @@ class Settings(_Strict):
     shard_size: int = Field(
         64,
         ge=1,
+        le=1_000_000,
         description="records per shard (the unit of checkpointing); part of the fingerprint "
         "because local backends batch within a shard",
     )
     on_error: Literal["skip", "stop"] = Field(
         "skip", description="a malformed input row is skipped and logged, or stops the run"
     )
-    max_concurrent_shards: int = Field(2, ge=1, json_schema_extra=VOLATILE)
+    max_concurrent_shards: int = Field(2, ge=1, le=1024, json_schema_extra=VOLATILE)
 
 
 class Recipe(_Strict):

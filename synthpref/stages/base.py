@@ -11,9 +11,13 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
+
+from synthpref.recipes.numbers import RecipeNumbers
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from synthpref.backends.base import Capability
     from synthpref.backends.client import ModelClient
     from synthpref.recipes.schema import Recipe
@@ -22,8 +26,37 @@ if TYPE_CHECKING:
 StageKind = Literal["generator", "judge", "filter", "pairs", "annotator"]
 
 
-class StageParams(BaseModel):
-    """Base for every stage's parameters: unknown keys are errors, not silently ignored."""
+def duplicate_candidate_ids(records: list[Record]) -> dict[str, list[str]]:
+    """Record id -> candidate ids it holds more than once.
+
+    Judges and pair builders match answers to candidates by id, so a shared id would hand one text
+    another's score; the executor refuses such a shard rather than write it.
+    """
+    out: dict[str, list[str]] = {}
+    for record in records:
+        counts = Counter(c.id for c in record.candidates)
+        dups = [cid for cid, n in counts.items() if n > 1]
+        if dups:
+            out[record.id] = dups
+    return out
+
+
+def candidate_id_problem(records: list[Record]) -> str | None:
+    """The message for :func:`duplicate_candidate_ids`, or None when every id is unique."""
+    dups = duplicate_candidate_ids(records)
+    if not dups:
+        return None
+    record_id, ids = next(iter(dups.items()))
+    return (
+        f"record {record_id!r} has several candidates with id {', '.join(map(repr, ids))} "
+        f"({len(dups)} record(s) affected); every candidate of a record needs its own id "
+        "(a custom generator reusing ids?)"
+    )
+
+
+class StageParams(RecipeNumbers):
+    """Base for every stage's parameters: unknown keys are errors, not silently ignored; numbers
+    are finite and whole where an int is meant (see :mod:`synthpref.recipes.numbers`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -46,6 +79,9 @@ class Stage(ABC):
     type_name: ClassVar[str]
     kind: ClassVar[StageKind]
     Params: ClassVar[type[StageParams]] = StageParams
+    base_dir: Path | None = None
+    """The recipe's folder, set by the loader: files the parameters name are relative to it
+    (see :func:`synthpref.templates.find_recipe_file`); None means the working directory."""
 
     def __init__(self, name: str, params: StageParams, ctx: StageContext | None = None) -> None:
         self.name = name

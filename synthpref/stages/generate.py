@@ -9,15 +9,19 @@ from synthpref.records import Candidate, Record
 from synthpref.stages.base import Stage, StageParams
 from synthpref.stages.registry import register_stage
 
+# Far above any real use; they keep a typo (n: 1e6) from queueing a run that cannot finish.
+MAX_SAMPLES = 1024
+MAX_TOKENS = 1_048_576
+
 
 class ModelSampling(StageParams):
     """One generating model, optionally with its own sampling settings."""
 
     model: str
-    n: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, le=MAX_SAMPLES)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     seed: int | None = None
     stop: list[str] | None = None
 
@@ -25,12 +29,13 @@ class ModelSampling(StageParams):
 class GenerateParams(StageParams):
     models: list[str | ModelSampling] = Field(
         default_factory=lambda: ["default"],
+        min_length=1,
         description="model names, or {model: name, n: .., temperature: ..} to override per model",
     )
-    n: int = Field(2, ge=1, description="samples per prompt per model")
+    n: int = Field(2, ge=1, le=MAX_SAMPLES, description="samples per prompt per model")
     temperature: float = Field(0.8, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
-    max_tokens: int = Field(256, ge=1)
+    max_tokens: int = Field(256, ge=1, le=MAX_TOKENS)
     seed: int = 0
     stop: list[str] = Field(default_factory=list)
 
@@ -42,7 +47,13 @@ class Generate(Stage):
     Params = GenerateParams
     params: GenerateParams
 
-    def _entries(self) -> list[tuple[str, SamplingParams]]:
+    def _entries(self) -> list[tuple[str, str, SamplingParams]]:
+        """(model, candidate-id key, sampling) per entry of ``models``.
+
+        The key is the model name, so ids stay those of earlier runs (their caches and checkpoints
+        stay valid); a model listed again, e.g. with other sampling settings, gets ``name#i`` (``i``
+        its entry index) because judges match their answers to candidates by id.
+        """
         p = self.params
         base = dict(
             n=p.n,
@@ -53,20 +64,24 @@ class Generate(Stage):
             stop=p.stop,
         )
         out = []
-        for entry in p.models:
+        seen: set[str] = set()
+        for i, entry in enumerate(p.models):
             if isinstance(entry, str):
-                out.append((entry, SamplingParams(**base)))
+                name, sampling = entry, SamplingParams(**base)
             else:
                 over = entry.model_dump(exclude={"model"}, exclude_none=True)
-                out.append((entry.model, SamplingParams(**{**base, **over})))
+                name, sampling = entry.model, SamplingParams(**{**base, **over})
+            key = name if name not in seen else f"{name}#{i}"
+            seen.add(key)
+            out.append((name, key, sampling))
         return out
 
     def models_used(self) -> list[str]:
-        return [name for name, _ in self._entries()]
+        return [name for name, _, _ in self._entries()]
 
     async def process(self, records: list[Record]) -> list[Record]:
         assert self.ctx is not None
-        for name, sampling in self._entries():
+        for name, key, sampling in self._entries():
             client = self.ctx.model(name)
             requests = [GenerationRequest(messages=r.prompt, params=sampling) for r in records]
             results = await client.generate(requests)
@@ -74,7 +89,7 @@ class Generate(Stage):
                 for k, completion in enumerate(result.completions):
                     record.candidates.append(
                         Candidate(
-                            id=f"{self.name}:{name}:{k}",
+                            id=f"{self.name}:{key}:{k}",
                             model=name,
                             text=completion.text,
                             sampling=sampling.model_dump(),

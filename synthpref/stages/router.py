@@ -132,15 +132,15 @@ class Route(Stage):
                 problems.append(f"rules[{i}]: invalid pattern: {exc}")
         if self.params.model:
             try:
-                load_template(self.params.template)
-            except FileNotFoundError as exc:
+                load_template(self.params.template, self.base_dir)
+            except (FileNotFoundError, ValueError) as exc:
                 problems.append(f"template: {exc}")
         return problems
 
     def fingerprint(self) -> dict:
         extra = {"rules": [r.model_dump() for r in self.rules()]}
         if self.params.model:
-            extra["template"] = load_template(self.params.template).hash
+            extra["template"] = load_template(self.params.template, self.base_dir).hash
         return extra
 
     def _description(self, domain: str) -> str:
@@ -181,7 +181,7 @@ class Route(Stage):
             f"{m.role.upper()}: {m.content}" if len(record.prompt) > 1 else m.content
             for m in record.prompt
         )
-        return load_template(self.params.template).render(
+        return load_template(self.params.template, self.base_dir).render(
             instruction=instruction,
             domains=[(d, self._description(d)) for d in self.params.domains],
         )
