@@ -190,7 +190,7 @@ def _push(*args: str):
 
 def test_dry_run_writes_the_upload_folder(run_dir, tmp_path, hub_server):
     result = _push(str(run_dir), REPO, "--dry-run", "--format", "preference", "--format", "kto",
-                   "--format", "pointwise", "--license", "apache-2.0")  # fmt: skip
+                   "--format", "pointwise", "--license", "apache-2.0", "--records")  # fmt: skip
     assert result.exit_code == 0, result.output
     folder = run_dir / "hub-upload"
     files = _files(folder)
@@ -327,4 +327,139 @@ def test_a_token_inside_the_data_is_never_uploaded(tmp_path, hub_server):
     assert result.exit_code == 1
     assert "contains the Hugging Face token" in _text(result)
     _assert_no_token(result.output)
+    assert hub.requests == []
+
+
+# --- the data must belong to the recipe on the card ------------------------------------------------
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def _refused(hub, run_dir: Path, *messages: str) -> None:
+    for extra in ((), ("--dry-run", "--folder", str(run_dir.parent / "dry"))):
+        result = _push(str(run_dir), REPO, *extra)
+        assert result.exit_code == 1, result.output
+        for message in messages:
+            assert message in _text(result), result.output
+        assert not (run_dir.parent / "dry").exists()
+    assert hub.requests == []
+
+
+def test_push_refuses_the_data_of_a_previous_recipe(run_dir, tmp_path, hub_server):
+    """A rerun of an edited recipe rewrites run.json when it plans, then is killed: data/ and
+    summary.json still hold the old recipe's dataset."""
+    import copy as copying
+
+    from synthpref.executor.common import plan_run
+    from synthpref.recipes.loader import parse_recipe
+
+    hub = hub_server()
+    target = _copy(run_dir, tmp_path)
+    raw = copying.deepcopy(json.loads((target / "run.json").read_text())["recipe"])
+    raw["stages"][1]["mode"] = "inverse"  # the judge now prefers short answers
+    plan_run(parse_recipe(raw, base_dir=run_dir.parent), target, fresh=False)
+    _refused(hub, target, "summary.json", "run.json", "synthpref run RECIPE")
+
+
+def test_push_refuses_data_files_changed_after_the_run(run_dir, tmp_path, hub_server):
+    import pyarrow.parquet as pq
+
+    hub = hub_server()
+    target = _copy(run_dir, tmp_path)
+    path = target / "data" / "preference.parquet"
+    pq.write_table(pq.read_table(path).slice(0, 1), path)  # still valid Parquet, other rows
+    _refused(hub, target, "data/preference.parquet", "changed")
+
+
+def test_push_refuses_a_summary_without_file_fingerprints(run_dir, tmp_path, hub_server):
+    hub = hub_server()
+    target = _copy(run_dir, tmp_path)
+    summary = json.loads((target / "summary.json").read_text())
+    del summary["files"]
+    (target / "summary.json").write_text(json.dumps(summary))
+    _refused(hub, target, "summary.json", "synthpref run RECIPE")
+
+
+# --- what leaves the machine -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def private_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("private")
+    prompts = [
+        {**p, "email": f"user{i}@example.com", "topic": f"topic-{i}"}
+        for i, p in enumerate(PROMPTS[:4])
+    ]
+    run_dir, _ = run_recipe(tmp, prompts, STAGES, ["preference"])
+    return run_dir
+
+
+def _columns(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(path).names
+
+
+def _metadata(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return [
+        json.loads(m) for m in pq.read_table(path, columns=["metadata"])["metadata"].to_pylist()
+    ]
+
+
+def test_records_and_source_columns_stay_home_unless_asked(private_run, tmp_path, hub_server):
+    from huggingface_hub import DatasetCard
+
+    hub_server()
+    folder = tmp_path / "default"
+    assert _push(str(private_run), REPO, "--dry-run", "--folder", str(folder)).exit_code == 0
+    files = _files(folder)
+    assert "data/records.parquet" not in files
+    assert not any(b"@example.com" in blob for blob in files.values())
+    card = DatasetCard((folder / "README.md").read_text())
+    assert [c["config_name"] for c in card.data.to_dict()["configs"]] == ["preference"]
+    assert "`data/preference.parquet`" in card.text
+    for column in _columns(folder / "data" / "preference.parquet"):
+        assert f"`{column}`" in card.text
+
+    with_records = tmp_path / "records"
+    result = _push(str(private_run), REPO, "--dry-run", "--folder", str(with_records), "--records")
+    assert result.exit_code == 0, result.output
+    assert all(m == {} for m in _metadata(with_records / "data" / "records.parquet"))
+    assert not any(b"@example.com" in blob for blob in _files(with_records).values())
+    card = (with_records / "README.md").read_text()
+    assert "`data/records.parquet`" in card and "source columns were left out" in card
+
+    kept = tmp_path / "kept"
+    result = _push(str(private_run), REPO, "--dry-run", "--folder", str(kept), "--records",
+                   "--keep-metadata", "--drop-column", "metadata.email,chosen_model")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metadata = _metadata(kept / "data" / "records.parquet")
+    assert {m["topic"] for m in metadata} == {f"topic-{i}" for i in range(4)}
+    assert all("email" not in m for m in metadata)
+    assert "chosen_model" not in _columns(kept / "data" / "preference.parquet")
+    assert "rejected_model" in _columns(kept / "data" / "preference.parquet")
+    card = (kept / "README.md").read_text()
+    assert "`topic`" in card and "some source columns were left out" in card
+    assert "`chosen_model`" not in card and "email" not in card  # left out, and not named
+
+
+def test_column_choices_that_cannot_apply_are_refused(private_run, tmp_path, hub_server):
+    hub = hub_server()
+    cases = [
+        (("--drop-column", "nope"), "unknown column 'nope'"),
+        (("--drop-column", "metadata.email"), "--records"),
+        (("--records", "--drop-column", "metadata.email"), "--keep-metadata"),
+        (("--keep-metadata",), "--records"),
+    ]
+    for extra, message in cases:
+        result = _push(str(private_run), REPO, "--dry-run", "--folder", str(tmp_path / "x"), *extra)
+        assert result.exit_code == 1, (extra, result.output)
+        assert message in _text(result), (extra, result.output)
+        assert not (tmp_path / "x").exists()
     assert hub.requests == []

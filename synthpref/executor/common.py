@@ -9,8 +9,6 @@ started by one executor therefore resumes under the other.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -19,23 +17,16 @@ from pathlib import Path
 
 from synthpref.backends.client import ModelClient
 from synthpref.executor import checkpoints as ck
+from synthpref.executor.durable import write_json, write_jsonl
 from synthpref.executor.fingerprint import digest, input_fingerprint, stage_fingerprints
-from synthpref.executor.worker_cache import WORKER_CACHE_DIR, merge_worker_caches
+from synthpref.executor.run_dir import RunDirError, check_output_dir, clear_for_fresh, contained
+from synthpref.executor.run_meta import RUN_LAYOUT, file_digest
+from synthpref.executor.worker_cache import merge_worker_caches
 from synthpref.export import export_all
 from synthpref.recipes.loader import LoadedRecipe
 from synthpref.records import Record
-from synthpref.sources import InputError, load_records
-from synthpref.stages.base import Stage, StageContext
-
-# what --fresh removes; everything else in the run dir (run.json, errors.jsonl) is rewritten anyway
-FRESH_PATHS = (
-    "checkpoints",
-    "cache.sqlite",
-    "cache.sqlite-wal",
-    "cache.sqlite-shm",
-    WORKER_CACHE_DIR,
-    "data",
-)
+from synthpref.sources import InputError, load_records, no_usable_prompt
+from synthpref.stages.base import Stage, StageContext, candidate_id_problem
 
 
 class RunError(RuntimeError):
@@ -78,9 +69,11 @@ class RunResult:
     stages: list[StageSummary]
     outputs: dict[str, Path]
     seconds: float
+    files: dict[str, dict] = field(default_factory=dict)  # run-dir-relative path -> digest
 
     def to_dict(self) -> dict:
         return {
+            "synthpref_run": RUN_LAYOUT,
             "run_dir": str(self.run_dir),
             "fingerprint": self.fingerprint,
             "input_rows": self.input_rows,
@@ -88,6 +81,7 @@ class RunResult:
             "stages": [{**s.__dict__, "counters": dict(s.counters)} for s in self.stages],
             "outputs": {k: str(v) for k, v in self.outputs.items()},
             "seconds": round(self.seconds, 2),
+            "files": self.files,
         }
 
 
@@ -101,14 +95,28 @@ class RunPlan:
     shards: list[list[Record]]
     run_fp: str
     stage_dirs: list[Path]
+    warn: Callable[[str], None] = print
 
     def path(self, stage: int, shard: int) -> Path:
         return ck.shard_path(self.stage_dirs[stage], shard)
 
     def start_at(self, shard: int) -> int:
-        """The last stage whose checkpoint of this shard exists (-1: none); work resumes after it."""
-        done = [i for i in range(len(self.stage_dirs)) if self.path(i, shard).exists()]
-        return max(done) if done else -1
+        """The last stage with a readable checkpoint of this shard (-1: none); work resumes after
+        it. A damaged checkpoint is set aside with a warning, so the shard is recomputed from the
+        checkpoint before it (model calls come from the request cache) instead of stopping the run."""
+        for i in reversed(range(len(self.stage_dirs))):
+            path = self.path(i, shard)
+            if not path.exists():
+                continue
+            try:
+                ck.verify_shard(path)
+            except ck.CheckpointError as exc:
+                moved = ck.set_aside(path)
+                self.warn(f"{exc}; moved it to {moved.name}, recomputing shard {shard} from the "
+                          "checkpoint before it")  # fmt: skip
+                continue
+            return i
+        return -1
 
 
 def plan_run(
@@ -120,31 +128,43 @@ def plan_run(
     input_errors: list[InputError] | None = None,
     warn: Callable[[str], None] = print,
 ) -> RunPlan:
-    """Clear (``fresh``) or reopen the run dir, load and shard the input, run the stages' run-level
-    pre-pass, and write ``run.json``; merges call results left by workers of an interrupted run."""
+    """Check the run dir, load and shard the input, clear (``fresh``) or reopen the run dir, run the
+    stages' run-level pre-pass, and write ``run.json``; merges call results left by workers of an
+    interrupted run. Nothing is created or deleted before the run dir is known to be safe to use
+    and the input has loaded."""
     recipe = loaded.recipe
-    if fresh:
-        for name in FRESH_PATHS:
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
+    try:
+        check_output_dir(
+            run_dir,
+            recipe_dir=recipe.base_dir,
+            recipe_file=loaded.path,
+            sources=_source_files(loaded),
+        )
+        if records is not None:
+            records, errors = list(records), list(input_errors or [])
+        else:
+            records, errors = load_records(recipe)
+        if fresh:
+            clear_for_fresh(run_dir)
+    except RunDirError as exc:
+        raise RunError(str(exc)) from None
     run_dir.mkdir(parents=True, exist_ok=True)
+    # marks the directory as a run before anything else lands in it, and as no longer the run that
+    # summary.json and data/ describe until this one finishes
+    write_json(run_dir / "run.json", {"synthpref_run": RUN_LAYOUT, "fingerprint": None,
+                                      "recipe": loaded.raw}, default=str)  # fmt: skip
     merge_worker_caches(run_dir)
-
-    if records is not None:
-        records, errors = list(records), list(input_errors or [])
-    else:
-        records, errors = load_records(recipe)
-    _write_errors(run_dir, errors)
+    write_jsonl(
+        run_dir / "errors.jsonl",
+        ({"row": e.row, "field": e.field, "message": e.message} for e in errors),
+    )
     if errors and recipe.settings.on_error == "stop":
         raise RunError(
             f"{len(errors)} malformed input row(s); first: {errors[0]} "
             f"(all listed in {run_dir / 'errors.jsonl'}; set settings.on_error: skip to skip them)"
         )
     if not records:
-        raise RunError("the source holds no usable prompt")
+        raise RunError(no_usable_prompt(recipe, errors, run_dir / "errors.jsonl"))
     for e in errors:
         warn(f"skipped input {e}")
 
@@ -159,24 +179,34 @@ def plan_run(
     input_fp = input_fingerprint(records, size)
     fps = stage_fingerprints(input_fp, stages, loaded.models)
     run_fp = digest([input_fp, *fps])
-    stage_dirs = [
-        run_dir / "checkpoints" / f"{i:02d}-{s.name}-{fp[:12]}"
-        for i, (s, fp) in enumerate(zip(stages, fps, strict=True))
-    ]
+    checkpoints = run_dir / "checkpoints"
+    try:
+        stage_dirs = [
+            contained(checkpoints / ck.stage_dir_name(i, s.name, fp), checkpoints)
+            for i, (s, fp) in enumerate(zip(stages, fps, strict=True))
+        ]
+    except RunDirError as exc:
+        raise RunError(str(exc)) from None
     info = {
+        "synthpref_run": RUN_LAYOUT,
         "fingerprint": run_fp,
         "input": input_fp,
         "stages": [{"name": s.name, "fingerprint": fp} for s, fp in zip(stages, fps, strict=True)],
         "recipe": loaded.raw,
     }
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2, default=str))
-    return RunPlan(run_dir, records, errors, shards, run_fp, stage_dirs)
+    write_json(run_dir / "run.json", info, default=str)
+    return RunPlan(run_dir, records, errors, shards, run_fp, stage_dirs, warn)
 
 
-def _write_errors(run_dir: Path, errors: list[InputError]) -> None:
-    with (run_dir / "errors.jsonl").open("w") as fh:
-        for e in errors:
-            fh.write(json.dumps({"row": e.row, "field": e.field, "message": e.message}) + "\n")
+def _source_files(loaded: LoadedRecipe) -> list[Path]:
+    """The local files or directories the recipe reads prompts from."""
+    source = loaded.recipe.source
+    paths = [loaded.recipe.resolve(source.path)] if source.path else []
+    if source.dataset:
+        local = loaded.recipe.resolve(source.dataset)
+        if local.exists():
+            paths.append(local)
+    return paths
 
 
 def build_clients(
@@ -235,6 +265,9 @@ async def process_shard(
             f"{type(exc).__name__}: {exc}. Finished shards and model calls are saved; "
             "rerun the same command to resume."
         ) from exc
+    problem = candidate_id_problem(out)
+    if problem:
+        raise RunError(f"stage {stage.name!r} ({stage.type_name}) on shard {k}: {problem}")
     info = {
         "records_in": len(records),
         "records_out": len(out),
@@ -245,6 +278,14 @@ async def process_shard(
     return out, info
 
 
+def read_resume_point(path: Path) -> tuple[list[Record], dict]:
+    """The checkpoint a shard resumes from (``RunPlan.start_at`` has checked it already)."""
+    try:
+        return ck.verify_shard(path)
+    except ck.CheckpointError as exc:
+        raise RunError(f"{exc}; rerun the same command to recompute it") from None
+
+
 def finish_run(
     loaded: LoadedRecipe, plan: RunPlan, summaries: list[StageSummary], started: float
 ) -> RunResult:
@@ -252,6 +293,12 @@ def finish_run(
     last = len(plan.stage_dirs) - 1
     final_shards = [plan.path(last, k) for k in range(len(plan.shards))]
     outputs = export_all(loaded.recipe.output.formats, final_shards, plan.run_dir / "data")
+    exported = [*outputs.values(), *(p.with_suffix(".jsonl") for p in outputs.values())]
+    files = {
+        p.relative_to(plan.run_dir).as_posix(): file_digest(p).model_dump()
+        for p in exported
+        if p.is_file()
+    }
     result = RunResult(
         plan.run_dir,
         plan.run_fp,
@@ -260,6 +307,7 @@ def finish_run(
         summaries,
         outputs,
         time.perf_counter() - started,
+        files,
     )
-    (plan.run_dir / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
+    write_json(plan.run_dir / "summary.json", result.to_dict())
     return result

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from synthpref.cache import RequestCache
-from synthpref.executor import checkpoints as ck
+from synthpref.console import say
 from synthpref.executor.common import (
     RunError,
     RunPlan,
@@ -28,6 +28,7 @@ from synthpref.executor.common import (
     finish_run,
     plan_run,
     process_shard,
+    read_resume_point,
 )
 from synthpref.executor.progress import StageProgress
 from synthpref.recipes.loader import LoadedRecipe
@@ -92,7 +93,7 @@ class LocalExecutor:
     # internals ----------------------------------------------------------------------------------
 
     def _warn(self, message: str) -> None:
-        self.console.print(f"[yellow]{message}[/]")
+        say(self.console, message, style="yellow")
 
     async def _pipeline(
         self, plan: RunPlan, summaries: list[StageSummary], progress: StageProgress
@@ -111,7 +112,7 @@ class LocalExecutor:
                 if i < start_at[k]:
                     out = None
                 elif i == start_at[k]:
-                    out, info = ck.read_shard(path)
+                    out, info = read_resume_point(path)
                     summary.add(info, resumed=True)
                     progress.advance(stage.name, info["records_in"], note="resumed")
                 else:

@@ -31,12 +31,12 @@ class _Rates(ProgressColumn):
 class StageProgress:
     def __init__(self, console: Console, enabled: bool = True) -> None:
         self.progress = Progress(
-            TextColumn("[bold]{task.description:<24}"),
+            TextColumn("{task.description:<24}", style="bold", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             _Rates(),
             TimeElapsedColumn(),
-            TextColumn("{task.fields[note]}"),
+            TextColumn("{task.fields[note]}", markup=False),
             console=console,
             disable=not enabled,
         )

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from synthpref.console import say
 from synthpref.executor import checkpoints as ck
 from synthpref.executor.common import (
     RunError,
@@ -37,6 +38,7 @@ from synthpref.executor.common import (
     finish_run,
     plan_run,
     process_shard,
+    read_resume_point,
 )
 from synthpref.executor.progress import StageProgress
 from synthpref.executor.worker_cache import WORKER_CACHE_DIR, WorkerCache, merge_worker_caches
@@ -78,7 +80,7 @@ class ShardWorker:
             self._locks = [asyncio.Lock() for _ in self.stages]
         done: list[tuple[int, dict, bool]] = []
         if start_at >= 0:
-            records, info = ck.read_shard(ck.shard_path(self.stage_dirs[start_at], k))
+            records, info = read_resume_point(ck.shard_path(self.stage_dirs[start_at], k))
             done.append((start_at, info, True))
         for i in range(start_at + 1, len(self.stages)):
             async with self._locks[i]:
@@ -157,7 +159,7 @@ class RayExecutor:
     # internals ----------------------------------------------------------------------------------
 
     def _warn(self, message: str) -> None:
-        self.console.print(f"[yellow]{message}[/]")
+        say(self.console, message, style="yellow")
 
     def _actor_options(self, ray, n_shards: int) -> tuple[int, dict]:
         """How many replicas, and the resources of each: a GPU each where the cluster has GPUs

@@ -2,7 +2,8 @@
 
 The metadata declares one ``configs`` entry per uploaded format (so ``load_dataset(repo, "kto")`` picks
 the right file, and the dataset viewer shows each), the license, task categories, size category and
-tags. The body embeds the run report with its figures.
+tags. The body says exactly which files and columns were uploaded (read from the uploaded Parquet
+files themselves, so a column left out never shows up) and embeds the run report with its figures.
 """
 
 from __future__ import annotations
@@ -12,25 +13,15 @@ from typing import Any
 import yaml
 from huggingface_hub import DatasetCard, DatasetCardData
 
-FORMAT_DOCS = {
-    "preference": (
-        "prompt, chosen, rejected (conversational), score_chosen, score_rejected, margin",
-        "TRL `DPOTrainer` (and ORPO, CPO, SimPO)",
-    ),
-    "kto": ("prompt, completion (conversational), label (desirable), score", "TRL `KTOTrainer`"),
-    "reward": (
-        "chosen, rejected (whole conversations), margin",
-        "TRL `RewardTrainer` (margin-aware loss)",
-    ),
-    "listwise": ("prompt, completions ranked best first, scores, models", "listwise objectives"),
-    "pointwise": (
-        "prompt, completion, score, per-aspect scores, judge",
-        "regression reward models, rejection sampling",
-    ),
-    "records": (
-        "every prompt with all candidates, judgments (raw judge output) and pairs",
-        "provenance and re-use",
-    ),
+from synthpref.hub.select import UploadedFile
+
+FORMAT_USES = {
+    "preference": "TRL `DPOTrainer` (and ORPO, CPO, SimPO)",
+    "kto": "TRL `KTOTrainer`",
+    "reward": "TRL `RewardTrainer` (margin-aware loss)",
+    "listwise": "listwise objectives",
+    "pointwise": "regression reward models, rejection sampling",
+    "records": "provenance and re-use: every prompt with its candidates, judgments and pairs",
 }
 
 
@@ -49,18 +40,19 @@ def size_category(rows: int) -> str:
 
 def build_card(
     repo_id: str,
-    formats: dict[str, int],
+    files: list[UploadedFile],
     recipe: dict[str, Any],
     report_markdown: str,
     license: str = "other",
     fingerprint: str = "",
 ) -> str:
-    """README.md text. ``formats``: config name -> rows, in order (the first is the default)."""
+    """README.md text. ``files``: one per config, in order (the first is the default)."""
+    formats = {f.config: f.rows for f in files}
     configs = []
-    for i, (name, _) in enumerate(formats.items()):
+    for i, f in enumerate(files):
         entry: dict[str, Any] = {
-            "config_name": name,
-            "data_files": [{"split": "train", "path": f"data/{name}.parquet"}],
+            "config_name": f.config,
+            "data_files": [{"split": "train", "path": f.path}],
         }
         if i == 0:
             entry["default"] = True
@@ -81,13 +73,13 @@ def build_card(
         pretty_name=name,
         configs=configs,
     )
-    body = _body(repo_id, name, formats, recipe, report_markdown, license, fingerprint)
+    body = _body(repo_id, name, files, recipe, report_markdown, fingerprint)
     text = f"---\n{data.to_yaml()}\n---\n\n{body}"
     DatasetCard(text)  # fails loudly if the metadata does not parse
     return text
 
 
-def _body(repo_id, name, formats, recipe, report_markdown, license, fingerprint) -> str:
+def _body(repo_id, name, files, recipe, report_markdown, fingerprint) -> str:
     lines = [f"# {name}", ""]
     if recipe.get("description"):
         lines += [str(recipe["description"]), ""]
@@ -99,13 +91,22 @@ def _body(repo_id, name, formats, recipe, report_markdown, license, fingerprint)
         "",
         "## Configurations",
         "",
-        "| config | rows | columns | for |",
-        "|---|---|---|---|",
+        "Exactly these data files were uploaded, with exactly these columns:",
+        "",
+        "| config | file | rows | columns | for |",
+        "|---|---|---|---|---|",
     ]
-    for fmt, rows in formats.items():
-        columns, use = FORMAT_DOCS.get(fmt, ("", ""))
-        lines.append(f"| `{fmt}` | {rows} | {columns} | {use} |")
-    default = next(iter(formats), "preference")
+    for f in files:
+        columns = ", ".join(f"`{c}`" for c in f.columns)
+        use = FORMAT_USES.get(f.config, "")
+        lines.append(f"| `{f.config}` | `{f.path}` | {f.rows} | {columns} | {use} |")
+    notes = [f"- `{f.path}`: {f.note}" for f in files if f.note]
+    if notes:
+        lines += ["", *notes]
+    if "records" not in {f.config for f in files}:
+        lines += ["", "The full records (candidates, raw judge output, source columns) were not "
+                  "uploaded."]  # fmt: skip
+    default = files[0].config if files else "preference"
     lines += [
         "",
         "```python",

@@ -1,9 +1,11 @@
 """Upload a finished run as a Hub dataset: Parquet per format, a dataset card, the recipe, the report.
 
-Everything is checked and the upload folder is assembled before the first request: an incomplete run
-directory, a malformed repository id, an unknown format, a format that needs scores (or pairs, or
-rankings) the run did not produce, or a missing token stop the push with a clear error and nothing is
-sent. The upload goes through ``huggingface_hub`` itself (``create_repo`` then ``upload_folder``);
+Everything is checked and the upload folder is assembled before the first request: an incomplete or
+damaged run directory, data that does not belong to the run that ``run.json`` names (a rerun of an
+edited recipe that did not finish) or that changed after it was exported, a malformed repository id,
+an unknown format, a format that needs scores (or pairs, or rankings) the run did not produce, or a
+missing token stop the push with a clear error and nothing is sent. The full records and the source's
+columns are uploaded only when asked (``select.py``); the card lists every uploaded file and column. The upload goes through ``huggingface_hub`` itself (``create_repo`` then ``upload_folder``);
 ``HF_ENDPOINT`` selects another Hub. ``dry_run`` writes the folder that would be uploaded and stops.
 
 The token comes from ``HF_TOKEN`` or the saved ``hf auth login``; it is handed to ``huggingface_hub``
@@ -20,13 +22,12 @@ from pathlib import Path
 
 import yaml
 
+from synthpref.executor.run_meta import RunInfo, load
+from synthpref.hub.errors import PushError
+from synthpref.hub.select import UploadedFile, UploadSelection, check_columns, write_table
 from synthpref.report import ReportError, build_report, check_run_dir
 
 DEFAULT_FOLDER = "hub-upload"
-
-
-class PushError(ValueError):
-    pass
 
 
 @dataclass
@@ -51,8 +52,8 @@ def check_repo_id(repo_id: str) -> None:
         raise PushError(f"malformed repository id {repo_id!r}: {exc}") from None
 
 
-def _run_formats(run_dir: Path, summary: dict) -> list[str]:
-    return [n for n in summary.get("outputs", {}) if n != "records"]
+def _run_formats(summary) -> list[str]:
+    return [n for n in summary.outputs if n != "records"]
 
 
 def stage_folder(
@@ -61,23 +62,25 @@ def stage_folder(
     folder: Path,
     formats: list[str] | None = None,
     license: str = "other",
+    choice: UploadSelection | None = None,
 ) -> PushResult:
     """Assemble exactly what would be uploaded into ``folder`` (which must be empty or absent)."""
+    import pyarrow.parquet as pq
+
     from synthpref.export import formats as registered
     from synthpref.export.needs import missing_data
     from synthpref.hub.card import build_card
     from synthpref.report.collect import iter_records
 
     check_repo_id(repo_id)
+    choice = choice or UploadSelection()
     run_dir = Path(run_dir)
     try:
-        summary = check_run_dir(run_dir)
+        summary = check_run_dir(run_dir, require_digests=True)
     except ReportError as exc:
         raise PushError(str(exc)) from None
-    import json
-
-    run = json.loads((run_dir / "run.json").read_text())
-    wanted = list(dict.fromkeys(formats)) if formats else _run_formats(run_dir, summary)
+    run = load(run_dir / "run.json", RunInfo)
+    wanted = list(dict.fromkeys(formats)) if formats else _run_formats(summary)
     known = registered()
     unknown = [f for f in wanted if f not in known]
     if unknown:
@@ -87,43 +90,60 @@ def stage_folder(
     if not wanted:
         raise PushError(f"{run_dir} wrote no dataset format; name one with --format")
     records_path = run_dir / "data" / "records.parquet"
-    missing = missing_data(wanted, iter_records(records_path))
+    try:
+        missing = missing_data(wanted, iter_records(records_path))
+    except (OSError, ValueError) as exc:
+        raise PushError(f"{records_path}: cannot read its records: {exc}") from None
     if missing:
         raise PushError("; ".join(missing.values()))
+    schemas = {
+        name: pq.read_schema(run_dir / "data" / f"{name}.parquet")
+        if (run_dir / "data" / f"{name}.parquet").is_file()
+        else known[name][1]
+        for name in wanted
+    }
+    if choice.records:
+        schemas["records"] = pq.read_schema(records_path)
+    check_columns(choice, schemas)
 
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / "data"
     data.mkdir()
-    rows: dict[str, int] = {}
+    uploaded: list[UploadedFile] = []
     for name in wanted:
-        written = run_dir / "data" / f"{name}.parquet"
-        if written.is_file():
-            shutil.copyfile(written, data / f"{name}.parquet")
-        else:
-            _build_format(name, known[name], records_path, data / f"{name}.parquet")
-        import pyarrow.parquet as pq
+        source = run_dir / "data" / f"{name}.parquet"
+        if not source.is_file():  # a format the run did not write: built from the records
+            source = folder / f".build-{name}.parquet"
+            _build_format(name, known[name], records_path, source)
+        target = data / f"{name}.parquet"
+        uploaded.append(write_table(source, target, f"data/{name}.parquet", name, choice))
+        if source.parent == folder:
+            source.unlink()
+    if choice.records:
+        uploaded.append(
+            write_table(records_path, data / "records.parquet", "data/records.parquet", "records",
+                        choice, records=True)
+        )  # fmt: skip
 
-        rows[name] = pq.ParquetFile(data / f"{name}.parquet").metadata.num_rows
-    shutil.copyfile(records_path, data / "records.parquet")
-    import pyarrow.parquet as pq
-
-    rows["records"] = pq.ParquetFile(data / "records.parquet").metadata.num_rows
-
-    recipe = run.get("recipe") or {}
+    recipe = run.recipe
     (folder / "recipe.yaml").write_text(
         yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True), encoding="utf-8"
     )
-    report = build_report(run_dir, out_dir=folder / "report")
+    try:
+        report = build_report(run_dir, out_dir=folder / "report")
+    except ReportError as exc:
+        raise PushError(str(exc)) from None
     card = build_card(
         repo_id,
-        rows,
+        uploaded,
         recipe,
         report.card_markdown(image_prefix="report/", heading=2),
         license=license,
-        fingerprint=run.get("fingerprint", ""),
+        fingerprint=run.fingerprint or "",
     )
     (folder / "README.md").write_text(card, encoding="utf-8")
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    rows = {f.config: f.rows for f in uploaded}
     return PushResult(repo_id, folder, files, rows)
 
 
@@ -166,11 +186,21 @@ def push(
     license: str = "other",
     token: str | None = None,
     endpoint: str | None = None,
+    records: bool = False,
+    keep_metadata: bool = False,
+    drop_columns: list[str] | None = None,
 ) -> PushResult:
+    """Check the run, assemble the upload and send it (or only write it: ``dry_run``). ``records``,
+    ``keep_metadata`` and ``drop_columns`` choose what leaves the machine (see ``select.py``)."""
+    from synthpref.hub.select import selection
+
     run_dir = Path(run_dir)
     check_repo_id(repo_id)
+    choice = selection(
+        records=records, keep_metadata=keep_metadata, drop_columns=drop_columns or []
+    )
     try:
-        check_run_dir(run_dir)
+        check_run_dir(run_dir, require_digests=True)
     except ReportError as exc:
         raise PushError(str(exc)) from None
     if dry_run:
@@ -182,7 +212,7 @@ def push(
                 )
             shutil.rmtree(target)
         try:
-            result = stage_folder(run_dir, repo_id, target, formats, license)
+            result = stage_folder(run_dir, repo_id, target, formats, license, choice)
         except BaseException:
             shutil.rmtree(target, ignore_errors=True)
             raise
@@ -200,7 +230,7 @@ def push(
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
     with tempfile.TemporaryDirectory(prefix="synthpref-push-") as tmp:
         staged = Path(tmp) / "upload"
-        result = stage_folder(run_dir, repo_id, staged, formats, license)
+        result = stage_folder(run_dir, repo_id, staged, formats, license, choice)
         _scan_for_secret(staged, token)
         result.url, result.commit = _upload(staged, repo_id, private, token, endpoint, result)
         result.folder = None

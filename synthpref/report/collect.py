@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from synthpref.executor import checkpoints as ck
+from synthpref.executor.run_meta import RunInfo, RunMetaError, RunSummary, changed_files, load
 from synthpref.metrics import cohen_kappa, pairwise_labels
 from synthpref.records import Record, records_from_arrow
 from synthpref.stages.pairs import candidate_scores
@@ -31,8 +32,11 @@ class ReportError(ValueError):
     pass
 
 
-def check_run_dir(run_dir: Path) -> dict:
-    """The run's summary, or ReportError naming what makes the directory not a finished run."""
+def check_run_dir(run_dir: Path, *, require_digests: bool = False) -> RunSummary:
+    """The run's summary, or ReportError naming what makes the directory not a finished run: a
+    missing or malformed file, a ``run.json`` of another run than the one ``summary.json`` and
+    ``data/`` describe (a later run started and did not finish), or data changed since it was
+    exported. ``require_digests``: also refuse a summary that records no digests (older runs)."""
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir} is not a directory")
     missing = [name for name in REQUIRED if not (run_dir / name).is_file()]
@@ -42,16 +46,41 @@ def check_run_dir(run_dir: Path) -> dict:
             "(run `synthpref run RECIPE` until it completes; rerunning resumes)"
         )
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-        json.loads((run_dir / "run.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{run_dir}: summary.json or run.json is not valid JSON: {exc}") from None
-    for name, path in summary.get("outputs", {}).items():
+        summary = load(run_dir / "summary.json", RunSummary)
+        run = load(run_dir / "run.json", RunInfo)
+    except RunMetaError as exc:
+        raise ReportError(str(exc)) from None
+    if run.fingerprint != summary.fingerprint:
+        current = run.fingerprint[:12] if run.fingerprint else "a run that was still being planned"
+        raise ReportError(
+            f"{run_dir}: summary.json and data/ were written by run {summary.fingerprint[:12]!r}, "
+            f"but run.json names {current!r}: a later run (an edited recipe?) started here and did "
+            "not finish. Rerun `synthpref run RECIPE` with the recipe you mean to complete it"
+        )
+    for name, path in summary.outputs.items():
         local = run_dir / "data" / Path(path).name
         if not local.is_file():
             raise ReportError(
                 f"{run_dir} is incomplete: the {name!r} output {local} is missing "
                 "(rerun `synthpref run RECIPE` to write it again)"
+            )
+        try:
+            pq.ParquetFile(local)
+        except (OSError, pa.ArrowException) as exc:
+            raise ReportError(f"{local} is not a readable Parquet file: {exc}") from None
+    if summary.files is None:
+        if require_digests:
+            raise ReportError(
+                f"{run_dir / 'summary.json'} records no digests of the exported files (an older "
+                "synthpref wrote it), so the data cannot be checked against it; rerun "
+                "`synthpref run RECIPE` (it resumes from the checkpoints) to record them"
+            )
+    else:
+        changed = changed_files(run_dir, summary.files)
+        if changed:
+            raise ReportError(
+                f"{run_dir}: {', '.join(changed)}; the data no longer matches summary.json. "
+                "Rerun `synthpref run RECIPE` to export it again"
             )
     return summary
 
@@ -145,60 +174,83 @@ def words(text: str) -> int:
 def collect(run_dir: Path) -> RunStats:
     run_dir = Path(run_dir)
     summary = check_run_dir(run_dir)
-    run = json.loads((run_dir / "run.json").read_text())
-    recipe = run.get("recipe") or {}
-    errors = []
-    errors_path = run_dir / "errors.jsonl"
-    if errors_path.is_file():
-        errors = [json.loads(line) for line in errors_path.read_text().splitlines() if line.strip()]
+    run = load(run_dir / "run.json", RunInfo)
+    recipe = run.recipe
     stats = RunStats(
         run_dir=run_dir,
         name=str(recipe.get("name", run_dir.name)),
         description=str(recipe.get("description", "")),
-        fingerprint=run.get("fingerprint", ""),
-        input_rows=summary.get("input_rows", 0),
-        input_errors=errors,
+        fingerprint=run.fingerprint or "",
+        input_rows=summary.input_rows,
+        input_errors=_input_errors(run_dir / "errors.jsonl"),
         stages=_stages(run_dir, run, summary),
         recipe=recipe,
-        seconds=summary.get("seconds", 0.0),
+        seconds=summary.seconds,
     )
-    _scan_records(run_dir / "data" / "records.parquet", stats)
+    records_path = run_dir / "data" / "records.parquet"
+    try:
+        _scan_records(records_path, stats)
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        raise ReportError(f"{records_path}: cannot read its records: {exc}") from None
     stats.formats = _formats(run_dir, summary)
     return stats
 
 
-def _stages(run_dir: Path, run: dict, summary: dict) -> list[StageStats]:
+def _input_errors(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ReportError(f"{path}, line {n}: not valid JSON: {exc}") from None
+        if not isinstance(row, dict):
+            raise ReportError(f"{path}, line {n}: expected an object, got {type(row).__name__}")
+        out.append(row)
+    return out
+
+
+def _stages(run_dir: Path, run: RunInfo, summary: RunSummary) -> list[StageStats]:
     from synthpref.stages.registry import UnknownStage, resolve_stage
 
-    by_name = {s["name"]: s for s in summary.get("stages", [])}
+    by_name = {s.name: s for s in summary.stages}
     out = []
-    for i, entry in enumerate(run.get("stages", [])):
-        name, fp = entry["name"], entry["fingerprint"]
-        info = by_name.get(name, {})
-        stage = StageStats(name=name, type=info.get("type", ""))
+    for i, entry in enumerate(run.stages):
+        name, fp = entry.name, entry.fingerprint
+        info = by_name.get(name)
+        stage = StageStats(name=name, type=info.type if info else "")
         try:
             stage.kind = resolve_stage(stage.type).kind if stage.type else ""
         except UnknownStage:
             stage.kind = ""
-        stage.calls = info.get("calls", 0)
-        stage.tokens = info.get("tokens", 0)
-        stage.cache_hits = info.get("cache_hits", 0)
-        folder = run_dir / "checkpoints" / f"{i:02d}-{name}-{fp[:12]}"
+        if info is not None:
+            stage.calls, stage.tokens, stage.cache_hits = info.calls, info.tokens, info.cache_hits
+        folder = run_dir / "checkpoints" / ck.stage_dir_name(i, name, fp)
         shards = sorted(folder.glob("shard-*.parquet")) if folder.is_dir() else []
         if shards:
             for path in shards:
-                shard = ck.read_info(path)
+                try:
+                    shard = ck.read_info(path)
+                except ck.CheckpointError as exc:
+                    raise ReportError(
+                        f"{exc}; rerun `synthpref run RECIPE` to recompute it"
+                    ) from None
                 stage.records_in += shard.get("records_in", 0)
                 stage.records_out += shard.get("records_out", 0)
                 stage.counters.update(shard.get("counters", {}))
                 stage.seconds += shard.get("seconds", 0.0)
             stage.shards = len(shards)
-        else:  # checkpoints deleted: the summary of the last invocation is all there is
+        elif info is not None:  # checkpoints deleted: the last invocation's summary is all there is
             stage.source = "summary"
-            stage.records_in = info.get("records_in", 0)
-            stage.records_out = info.get("records_out", 0)
-            stage.counters.update(info.get("counters", {}))
-            stage.seconds = info.get("seconds", 0.0)
+            stage.records_in = info.records_in
+            stage.records_out = info.records_out
+            stage.counters.update(info.counters)
+            stage.seconds = info.seconds
+        else:
+            stage.source = "summary"
         out.append(stage)
     return out
 
@@ -271,9 +323,9 @@ def _error_kind(error: str | None) -> str:
     return error.split(":")[0].split(";")[0].strip()[:80]
 
 
-def _formats(run_dir: Path, summary: dict) -> dict[str, dict[str, Any]]:
+def _formats(run_dir: Path, summary: RunSummary) -> dict[str, dict[str, Any]]:
     out = {}
-    for name, path in summary.get("outputs", {}).items():
+    for name, path in summary.outputs.items():
         if name == "records":
             continue
         local = run_dir / "data" / Path(path).name
