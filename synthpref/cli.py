@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from synthpref.console import literal, say
 
 app = typer.Typer(
     help="Build synthetic preference datasets (DPO, KTO, reward models) from YAML recipes.",
@@ -22,25 +27,34 @@ out = Console()
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", exists=False)]
 
 
-def _load(recipe: Path):
-    from synthpref.recipes.loader import RecipeError, load_recipe
+@contextmanager
+def _errors() -> Iterator[None]:
+    """End the command on a failure synthpref detected: its message, a non-zero exit, no traceback.
+
+    Those are :class:`~synthpref.errors.SynthprefError` and every other exception class defined in
+    synthpref (each names the file, YAML path, row or field at fault). Anything else is a bug and
+    keeps its traceback. A recipe problem exits with 2, everything else with 1."""
+    from synthpref.recipes.loader import RecipeError
 
     try:
-        loaded = load_recipe(recipe)
+        yield
     except RecipeError as exc:
-        console.print(f"[red]{exc}[/]", highlight=False)
+        say(console, exc, style="red")
         raise typer.Exit(2) from None
-    for warning in loaded.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    from synthpref.export.needs import recipe_problems
+    except Exception as exc:
+        if not _is_synthpref_error(exc):
+            raise
+        say(console, exc, label="error:", style="red")
+        raise typer.Exit(1) from None
 
-    problems = recipe_problems(loaded.recipe.output.formats, loaded.stages)
-    if problems:
-        console.print(f"[red]invalid recipe {recipe}:[/]", highlight=False)
-        for problem in problems:
-            console.print(f"  - {problem}", highlight=False)
-        raise typer.Exit(2)
-    return loaded
+
+def _is_synthpref_error(exc: BaseException) -> bool:
+    from synthpref.errors import SynthprefError
+
+    module = type(exc).__module__ or ""
+    return (
+        isinstance(exc, SynthprefError) or module == "synthpref" or module.startswith("synthpref.")
+    )
 
 
 @app.command()
@@ -72,39 +86,35 @@ def run(
     ] = None,
 ) -> None:
     """Run a recipe. Rerunning the same command resumes where it stopped (with either executor)."""
-    from synthpref.executor import EXECUTORS, create_executor
-    from synthpref.executor.local import RunError
-    from synthpref.sources import SourceError
+    import synthpref
+    from synthpref.executor import EXECUTORS
 
     if executor not in EXECUTORS:
         raise typer.BadParameter(f"choose one of {', '.join(EXECUTORS)}", param_hint="--executor")
     if executor != "ray" and (address is not None or workers is not None):
         raise typer.BadParameter("--address and --workers need --executor ray")
-    loaded = _load(recipe)
-    try:
-        result = create_executor(
-            loaded,
-            executor,
+    with _errors():
+        result = synthpref.run(
+            recipe,
+            fresh=fresh,
+            output=output,
+            progress=progress,
+            executor=executor,
             address=address,
             workers=workers,
-            run_dir=output,
-            fresh=fresh,
             console=console,
-            progress=progress,
-        ).run()
-    except (RunError, SourceError) as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
-    _print_summary(result)
+        )
+    print_summary(result, console)
 
 
-def _print_summary(result) -> None:
-    table = Table(title=f"synthpref run · {result.run_dir}", title_justify="left")
+def print_summary(result, console: Console) -> None:
+    """The run's table of stages, its counters and output files; names are printed literally."""
+    table = Table(title=literal(f"synthpref run · {result.run_dir}"), title_justify="left")
     for col in ("stage", "in", "out", "resumed", "calls", "cached", "tokens", "time"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for s in result.stages:
         table.add_row(
-            s.name,
+            literal(s.name),
             str(s.records_in),
             str(s.records_out),
             str(s.shards_resumed),
@@ -117,23 +127,36 @@ def _print_summary(result) -> None:
     for s in result.stages:
         if s.counters:
             counts = ", ".join(f"{k}={v}" for k, v in sorted(s.counters.items()))
-            console.print(f"  {s.name}: {counts}", highlight=False)
+            say(console, f"  {s.name}: {counts}")
     if result.input_errors:
-        console.print(
-            f"[yellow]{len(result.input_errors)} malformed input row(s) skipped; "
-            f"see {result.run_dir / 'errors.jsonl'}[/]"
+        say(
+            console,
+            f"{len(result.input_errors)} malformed input row(s) skipped; "
+            f"see {result.run_dir / 'errors.jsonl'}",
+            style="yellow",
         )
     for name, path in result.outputs.items():
-        console.print(f"{name}: {path}")
-    console.print(f"done in {result.seconds:.1f}s")
+        say(console, f"{name}: {path}")
+    say(console, f"done in {result.seconds:.1f}s")
 
 
 @app.command()
 def validate(recipe: RecipeArg) -> None:
-    """Check a recipe without running anything: schema, models, stages and capabilities."""
-    loaded = _load(recipe)
+    """Check a recipe without running anything: schema, models, stages, capabilities, what its
+    output formats need, and its models' API keys."""
+    from synthpref.checks import checked_recipe
+
+    with _errors():
+        loaded, warnings = checked_recipe(recipe, for_run=False)
+    for warning in warnings:
+        say(console, warning, label="warning:", style="yellow")
     stages = ", ".join(f"{s.name} ({s.type_name})" for s in loaded.stages)
-    console.print(f"[green]ok[/] {recipe}: {len(loaded.models)} model(s); stages: {stages}")
+    say(
+        console,
+        f"{recipe}: {len(loaded.models)} model(s); stages: {stages}",
+        label="ok",
+        style="green",
+    )
 
 
 @app.command()
@@ -157,9 +180,9 @@ def stages(
         out.print_json(json.dumps(catalogue))
         return
     for name, info in catalogue.items():
-        out.print(f"[bold]{name}[/] ({info['kind']}) {info['doc']}")
+        out.print(f"[bold]{escape(name)}[/] ({info['kind']}) {escape(info['doc'])}")
         for p, d in info["params"].items():
-            out.print(f"    {p}: {d['type']} = {d['default']}  {d['help']}", highlight=False)
+            say(out, f"    {p}: {d['type']} = {d['default']}  {d['help']}")
 
 
 def _params(model) -> dict:
@@ -188,10 +211,11 @@ def backends() -> None:
 
     for name in backend_names():
         cls = spec_class(name)
-        out.print(f"[bold]{name}[/]: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        out.print(f"[bold]{escape(name)}[/]: {escape(doc)}")
         for p, d in _params(cls).items():
             if p != "backend":
-                out.print(f"    {p}: {d['type']} = {d['default']}  {d['help']}", highlight=False)
+                say(out, f"    {p}: {d['type']} = {d['default']}  {d['help']}")
 
 
 @app.command("eval-judges")
@@ -219,18 +243,14 @@ def eval_judges(
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Measure a recipe's judges against human-labelled preference pairs (accuracy, ties, kappa)."""
-    from synthpref.evaluation import EvalError, evaluate_judges
+    from synthpref.evaluation import evaluate_judges
     from synthpref.evaluation.report import print_report
-    from synthpref.executor.local import RunError
-    from synthpref.recipes.loader import RecipeError, load_recipe
-    from synthpref.sources import SourceError
+    from synthpref.recipes.loader import load_recipe
 
-    try:
-        loaded = load_recipe(recipe)  # not _load: its self-preference warnings concern generators
-    except RecipeError as exc:
-        console.print(f"[red]{exc}[/]", highlight=False)
-        raise typer.Exit(2) from None
-    try:
+    with _errors():
+        loaded = load_recipe(
+            recipe
+        )  # no run checks: its self-preference warnings concern generators
         result = evaluate_judges(
             loaded,
             data,
@@ -243,23 +263,17 @@ def eval_judges(
             console=console,
             progress=progress,
         )
-    except (EvalError, RunError, SourceError) as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
     print_report(result.report, out, result.files)
 
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a finished run directory")]) -> None:
     """Write the run report (Markdown, JSON and PNG figures) into RUN_DIR/report/."""
-    from synthpref.report import ReportError, build_report
+    from synthpref.report import build_report
 
-    try:
+    with _errors():
         result = build_report(run_dir)
-    except ReportError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
-    console.print(f"report: {result.markdown} ({len(result.figures)} figures)")
+    say(console, f"report: {result.markdown} ({len(result.figures)} figures)")
 
 
 @app.command()
@@ -278,24 +292,43 @@ def push(
         typer.Option("--format", help="format to upload (repeatable; default: the run's formats)"),
     ] = None,
     license: Annotated[str, typer.Option(help="license id for the card")] = "other",
+    records: Annotated[
+        bool,
+        typer.Option(
+            "--records",
+            help="also upload data/records.parquet (candidates, raw judge output); its metadata "
+            "(the source's other columns) is emptied unless --keep-metadata",
+        ),
+    ] = False,
+    keep_metadata: Annotated[
+        bool, typer.Option("--keep-metadata", help="with --records: keep the source's columns")
+    ] = False,
+    drop_column: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--drop-column",
+            help="leave a column out of every uploaded file (repeatable, or a,b); metadata.KEY "
+            "leaves one source column out of the kept metadata",
+        ),
+    ] = None,
 ) -> None:
-    """Upload a run to the Hugging Face Hub: Parquet data, dataset card, recipe and report."""
-    from synthpref.hub import PushError
+    """Upload a run to the Hugging Face Hub: Parquet data, dataset card, recipe and report.
+
+    Only the dataset formats are uploaded unless --records is given; the card lists every file and
+    column that was uploaded."""
     from synthpref.hub import push as push_run
 
-    try:
+    with _errors():
         result = push_run(
             run_dir, repo_id, private=private, dry_run=dry_run, folder=folder, formats=fmt,
-            license=license,
+            license=license, records=records, keep_metadata=keep_metadata,
+            drop_columns=drop_column or [],
         )  # fmt: skip
-    except PushError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
     rows = ", ".join(f"{k}: {v}" for k, v in result.formats.items())
     if result.dry_run:
-        console.print(f"dry run: {len(result.files)} files in {result.folder} ({rows})")
+        say(console, f"dry run: {len(result.files)} files in {result.folder} ({rows})")
     else:
-        console.print(f"pushed {len(result.files)} files to {result.url} ({rows})")
+        say(console, f"pushed {len(result.files)} files to {result.url} ({rows})")
 
 
 def main() -> None:

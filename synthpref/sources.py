@@ -7,8 +7,12 @@ on these per the recipe's ``on_error`` setting.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import io
 import json
+import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +21,7 @@ from typing import Any, TypeVar
 import polars as pl
 from pydantic import ValidationError
 
+from synthpref.errors import SynthprefError
 from synthpref.recipes.schema import Recipe, SourceSpec
 from synthpref.records import Message, Record
 
@@ -31,12 +36,14 @@ class InputError:
         return f"row {self.row}, field '{self.field}': {self.message}"
 
 
-class SourceError(ValueError):
-    pass
+class SourceError(SynthprefError, ValueError):
+    """The source as a whole cannot be read; the message names the recipe key and the file."""
 
 
 def load_records(recipe: Recipe) -> tuple[list[Record], list[InputError]]:
-    rows = _read_rows(recipe.source, recipe)
+    rows, columns = _read_source(recipe.source, recipe)
+    if columns is not None:
+        _check_columns(recipe.source, columns, _where(recipe.source, recipe))
     if recipe.source.limit:
         rows = rows[: recipe.source.limit]
     return rows_to_records(rows, recipe.source)
@@ -99,7 +106,9 @@ def _record(row_no: int, row: Any, source: SourceSpec) -> Record:
         )
     field = source.prompt_field
     if field not in row or row[field] is None:
-        raise _RowError(field, "missing")
+        raise _RowError(
+            field, "missing" if field in row else f"missing (the row has: {_keys(row)})"
+        )
     prompt = _messages(row[field], field)
     if source.id_field:
         if row.get(source.id_field) in (None, ""):
@@ -110,6 +119,13 @@ def _record(row_no: int, row: Any, source: SourceSpec) -> Record:
         record_id = hashlib.sha256(blob.encode()).hexdigest()[:16]
     metadata = {k: v for k, v in row.items() if k not in (field, source.id_field)}
     return Record(id=record_id, prompt=prompt, source_row=row_no, metadata=metadata)
+
+
+def _keys(row: dict) -> str:
+    keys = [str(k) for k in row]
+    return (
+        ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "") or "none"
+    )
 
 
 def _messages(value: Any, field: str) -> list[Message]:
@@ -136,33 +152,121 @@ def _messages(value: Any, field: str) -> list[Message]:
     raise _RowError(field, f"expected a string or a list of {{role, content}} messages, got {kind}")
 
 
-def _read_rows(source: SourceSpec, recipe: Recipe) -> list[tuple[int, Any]]:
+def no_usable_prompt(recipe: Recipe, errors: Sequence[InputError], errors_path: Path) -> str:
+    """Why a run has nothing to do, naming the source, the field, the row count and where the
+    rejected rows are listed (the executor raises this when every row was rejected)."""
+    source = recipe.source
+    where = _where(source, recipe)
+    if not errors:
+        return f"{where} holds no rows"
+    return (
+        f"none of the {len(errors)} row(s) of {where} holds a usable prompt in field "
+        f"{source.prompt_field!r} (source.prompt_field); first: {errors[0]}; all listed in "
+        f"{errors_path}"
+    )
+
+
+def _where(source: SourceSpec, base: Any) -> str:
     if source.path is not None:
-        path = recipe.resolve(source.path)
-        if not path.is_file():
-            raise SourceError(f"source.path: no such file {path}")
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            return _read_jsonl(path)
-        if suffix == ".json":
-            data = json.loads(path.read_text())
-            if not isinstance(data, list):
-                raise SourceError(f"source.path: {path} must hold a JSON list of objects")
-            return list(enumerate(data, start=1))
-        if suffix == ".parquet":
-            return _frame_rows(pl.read_parquet(path))
-        if suffix == ".csv":
-            return _frame_rows(pl.read_csv(path, infer_schema_length=0))
+        return str(base.resolve(source.path))
+    return f"dataset {source.dataset!r}"
+
+
+def _read_rows(source: SourceSpec, base: Any) -> list[tuple[int, Any]]:
+    """Numbered rows of the source; ``base`` resolves relative paths (a :class:`Recipe`)."""
+    return _read_source(source, base)[0]
+
+
+def _read_source(source: SourceSpec, base: Any) -> tuple[list[tuple[int, Any]], list[str] | None]:
+    """Numbered rows, and the column names when the source is a table (CSV, Parquet, dataset),
+    whose header is then checked against the fields the recipe names."""
+    if source.path is None:
+        frame = _read_dataset(source, base)
+        return _frame_rows(frame), frame.columns
+    path = base.resolve(source.path)
+    if not path.is_file():
+        if path.is_dir():
+            raise SourceError(f"source.path: {path} is a directory; name a file in it")
+        raise SourceError(f"source.path: no such file {path}{_near_names(path)}")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path), None
+    if suffix == ".json":
+        return _read_json(path), None
+    if suffix in (".parquet", ".csv"):
+        frame = _read_frame(path, suffix)
+        return _frame_rows(frame), frame.columns
+    raise SourceError(
+        f"source.path: unsupported file type {suffix!r} of {path} "
+        "(use .jsonl, .json, .parquet or .csv)"
+    )
+
+
+def _check_columns(source: SourceSpec, columns: list[str], where: str) -> None:
+    """A table's header must hold the prompt (and id) column: a wrong header would otherwise reject
+    every row one by one, which reads as a data problem rather than a naming one."""
+    found = ", ".join(columns) if columns else "none"
+    for key, name in (("prompt_field", source.prompt_field), ("id_field", source.id_field)):
+        if name is not None and name not in columns:
+            raise SourceError(
+                f"source.{key}: {where} has no column {name!r}; its columns: {found} "
+                f"(set source.{key} to the column that holds it)"
+            )
+
+
+def _utf8(path: Path) -> str:
+    """The file's text; a byte that is not UTF-8 is named by line, since tools rarely show bytes."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
         raise SourceError(
-            f"source.path: unsupported file type {suffix!r} (use .jsonl, .json, .parquet or .csv)"
-        )
-    return _frame_rows(_read_dataset(source, recipe))
+            f"source.path: {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+            "save it as UTF-8"
+        ) from None
+
+
+def _read_json(path: Path) -> list[tuple[int, Any]]:
+    try:
+        data = json.loads(_utf8(path))
+    except json.JSONDecodeError as exc:
+        raise SourceError(
+            f"source.path: {path} is not valid JSON: {exc.msg} at line {exc.lineno}, "
+            f"column {exc.colno}"
+        ) from None
+    if not isinstance(data, list):
+        raise SourceError(f"source.path: {path} must hold a JSON list of objects")
+    return list(enumerate(data, start=1))
+
+
+def _read_frame(path: Path, suffix: str) -> pl.DataFrame:
+    kind = "Parquet" if suffix == ".parquet" else "CSV"
+    try:
+        if suffix == ".parquet":
+            return pl.read_parquet(path)
+        text = _utf8(path)
+        if not text.strip():
+            raise SourceError(
+                f"source.path: {path} is empty; a CSV needs a header row naming its columns, "
+                "then one row per prompt"
+            )
+        return pl.read_csv(io.BytesIO(text.encode()), infer_schema_length=0)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise SourceError(f"source.path: {path} is not a readable {kind} file: {exc}") from None
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
+    """One row per non-blank line; a line that is not UTF-8 or not JSON becomes that row's error."""
     rows: list[tuple[int, Any]] = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                message = f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+                rows.append((line_no, InputError(line_no, "<line>", message)))
+                continue
             if not line.strip():
                 continue
             try:
@@ -176,20 +280,55 @@ def _frame_rows(frame: pl.DataFrame) -> list[tuple[int, Any]]:
     return list(enumerate(frame.to_dicts(), start=1))
 
 
-def _read_dataset(source: SourceSpec, recipe: Recipe) -> pl.DataFrame:
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def _read_dataset(source: SourceSpec, base: Any) -> pl.DataFrame:
+    """A saved ``datasets`` directory or a local dataset folder when one exists; otherwise a Hub
+    dataset, but only for an ``owner/name`` id whose first part is not a local folder either, so a
+    mistyped local path fails at once instead of waiting on the Hub."""
     import datasets
 
-    local = recipe.resolve(source.dataset) if source.dataset else None
+    name = str(source.dataset)
+    local = base.resolve(name)
+    if local.exists():
+        try:
+            if (local / "dataset_info.json").exists() or (local / "state.json").exists():
+                ds = datasets.load_from_disk(str(local))
+                if isinstance(ds, datasets.DatasetDict):
+                    ds = ds[source.split]
+            else:
+                ds = datasets.load_dataset(str(local), source.config, split=source.split)
+        except Exception as exc:  # datasets raises many types; all mean "could not load"
+            raise SourceError(f"source.dataset: cannot load {local}: {exc}") from exc
+        return ds.to_polars()
+    if not _HUB_ID.match(name) or base.resolve(name.split("/")[0]).exists():
+        hint = "" if "/" in name else "; a Hugging Face Hub dataset is named owner/name"
+        raise SourceError(
+            f"source.dataset: no such file or directory {local}{_near_names(local)}{hint}"
+        )
     try:
-        if (local is not None and (local / "dataset_info.json").exists()) or (
-            local is not None and (local / "state.json").exists()
-        ):
-            ds = datasets.load_from_disk(str(local))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[source.split]
-        else:
-            name = str(local) if local is not None and local.exists() else source.dataset
-            ds = datasets.load_dataset(name, source.config, split=source.split)
+        ds = datasets.load_dataset(name, source.config, split=source.split)
     except Exception as exc:  # datasets raises many types; all mean "could not load"
-        raise SourceError(f"source.dataset: cannot load {source.dataset!r}: {exc}") from exc
+        offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+                   if os.environ.get(v, "").upper() in _TRUE]  # fmt: skip
+        note = f" (offline: {', '.join(offline)} set)" if offline else ""
+        raise SourceError(
+            f"source.dataset: {name!r}: there is no local file or directory {local}, and the "
+            f"Hugging Face Hub dataset {name!r} could not be loaded{note}: {exc}"
+        ) from exc
     return ds.to_polars()
+
+
+def _near_names(path: Path) -> str:
+    """Names beside ``path`` that look like it, for a mistyped path."""
+    folder = path.parent
+    if not folder.is_dir():
+        return ""
+    try:
+        names = [p.name for p in folder.iterdir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(close)}?)" if close else ""

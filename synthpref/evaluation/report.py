@@ -9,6 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from synthpref.console import literal, say
+
 COLUMNS = (
     "judge",
     "kind",
@@ -91,19 +93,19 @@ def _title(report: dict[str, Any]) -> str:
 
 
 def print_report(report: dict[str, Any], console: Console, files: dict[str, Path] | None = None):
-    table = Table(title=_title(report), title_justify="left", pad_edge=False)
+    table = Table(title=literal(_title(report)), title_justify="left", pad_edge=False)
     for header in TERMINAL:
         table.add_column(header, justify="left" if header == "judge" else "right")
     for row in overview_rows(report, digits=2, kind=False):
-        table.add_row(*row)
+        table.add_row(*map(literal, row))
     console.print(table)
     if len(report["subsets"]) > 1:
         header, rows = subset_rows(report, digits=2)
         sub = Table(title="accuracy per subset", title_justify="left", pad_edge=False)
         for h in header:
-            sub.add_column(h, justify="left" if h == "subset" else "right")
+            sub.add_column(literal(h), justify="left" if h == "subset" else "right")
         for row in rows:
-            sub.add_row(*row)
+            sub.add_row(*map(literal, row))
         console.print(sub)
     agree = Table(
         title="agreement: Cohen's κ on which response wins",
@@ -113,18 +115,20 @@ def print_report(report: dict[str, Any], console: Console, files: dict[str, Path
     for h in ("rater", "rater", "n", "κ", "agreement"):
         agree.add_column(h, justify="left" if h == "rater" else "right")
     for row in agreement_rows(report):
-        agree.add_row(*row)
+        agree.add_row(*map(literal, row))
     console.print(agree)
     for j in report["judges"]:
         for reason, count in j.get("failure_reasons", {}).items():
-            console.print(f"  {j['name']}: {count} failed: {reason}", highlight=False)
+            say(console, f"  {j['name']}: {count} failed: {reason}")
     if report.get("input_errors"):
-        console.print(
-            f"[yellow]{report['input_errors']} malformed pair row(s) skipped; see "
-            f"{Path(report['run']['dir']) / 'errors.jsonl'}[/]"
+        say(
+            console,
+            f"{report['input_errors']} malformed pair row(s) skipped; see "
+            f"{Path(report['run']['dir']) / 'errors.jsonl'}",
+            style="yellow",
         )
     for name, path in (files or {}).items():
-        console.print(f"{name}: {path}", highlight=False)
+        say(console, f"{name}: {path}")
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:

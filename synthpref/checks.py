@@ -1,0 +1,104 @@
+"""Checks a loaded recipe must pass before anything runs, shared by ``synthpref.run()``,
+``synthpref.validate()`` and so by the CLI, which only calls those two.
+
+Loading (``recipes.loader``) checks a recipe's shape. These check it against what a run needs besides:
+data for every output format, an API key for every hosted model it calls, and a run directory that can
+be created. A run stops on any of them before it loads a model or writes a file; ``validate`` reports a
+key that is unset only as a warning, since keys are often set just for the run.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from synthpref.errors import SynthprefError
+from synthpref.recipes.loader import LoadedRecipe, RecipeError, load_recipe, parse_recipe
+
+
+class OutputDirError(SynthprefError, ValueError):
+    """The run directory cannot be created or written."""
+
+
+def checked_recipe(
+    recipe: str | Path | Mapping, *, for_run: bool
+) -> tuple[LoadedRecipe, list[str]]:
+    """The loaded recipe and its warnings; RecipeError names every problem by its YAML path."""
+    if isinstance(recipe, Mapping):
+        loaded = parse_recipe(dict(recipe))
+        source = "<recipe>"
+    else:
+        loaded = load_recipe(recipe)
+        source = str(recipe)
+    from synthpref.export.needs import recipe_problems
+
+    problems = recipe_problems(loaded.recipe.output.formats, loaded.stages)
+    key_problems, key_warnings = api_key_notes(loaded)
+    if for_run:
+        problems += key_problems
+    else:
+        key_warnings += [f"{p}; `synthpref run` stops until it is set" for p in key_problems]
+    if problems:
+        raise RecipeError(source, problems)
+    return loaded, [*loaded.warnings, *key_warnings]
+
+
+def api_key_notes(loaded: LoadedRecipe) -> tuple[list[str], list[str]]:
+    """(problems, warnings) about API keys of the models the stages call: a model on the OpenAI API
+    (no ``base_url``) cannot run without one; a remote ``base_url`` may want one."""
+    used = {name for stage in loaded.stages for name in stage.models_used()}
+    problems, warnings = [], []
+    for name in sorted(used & loaded.models.keys()):
+        spec: Any = loaded.models[name]
+        env = getattr(spec, "api_key_env", None)
+        if not env or os.environ.get(env):
+            continue
+        where = f"models.{name}.api_key_env"
+        base_url = getattr(spec, "base_url", None)
+        if base_url is None:
+            problems.append(
+                f"{where}: the OpenAI API needs a key and the environment variable {env} is unset; "
+                "set it, point api_key_env at the variable that holds the key, or set base_url "
+                "for a local server"
+            )
+        elif not _is_local(base_url):
+            warnings.append(
+                f"{where}: the environment variable {env} is unset, so requests to {base_url} "
+                "carry no API key; set it if that server wants one"
+            )
+    return problems, warnings
+
+
+def _is_local(base_url: str) -> bool:
+    """A server on this machine or a private network (a self-hosted vLLM), which needs no key."""
+    host = (urlparse(base_url).hostname or "").lower()
+    if (
+        host == "localhost"
+        or host.endswith((".localhost", ".local", ".internal"))
+        or "." not in host
+    ):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_unspecified
+
+
+def check_run_dir_writable(run_dir: Path, label: str) -> None:
+    """Refuse a run directory that is a file, lies under a file, or cannot be written, before the
+    run starts rather than after the input has loaded. ``label`` is where it was named."""
+    path = Path(run_dir).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"{label}: {run_dir} is not a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputDirError(f"{label}: cannot create {run_dir}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputDirError(f"{label}: cannot write to {existing} (permission denied)")
