@@ -39,6 +39,12 @@ def _dataset_rows(run_dir: Path) -> list[dict]:
     return pl.read_parquet(run_dir / "data" / "preference.parquet").sort("prompt_id").to_dicts()
 
 
+def _stage_counts(summary: dict) -> dict:
+    return {
+        s["name"]: (s["records_in"], s["records_out"], s["counters"]) for s in summary["stages"]
+    }
+
+
 def test_run_produces_a_trl_preference_dataset(reference_run):
     run_dir, _ = reference_run
     import datasets
@@ -71,10 +77,13 @@ def test_run_produces_a_trl_preference_dataset(reference_run):
 def test_rerun_resumes_without_model_calls(reference_run):
     run_dir, path = reference_run
     before = _dataset_rows(run_dir)
+    counted = _stage_counts(json.loads((run_dir / "summary.json").read_text()))
     result = _run(path)
     assert result.exit_code == 0, result.output
     summary = json.loads((run_dir / "summary.json").read_text())
     assert all(s["calls"] == 0 for s in summary["stages"])
+    # every stage's counters come back from its checkpoints, not only the stage resumed from
+    assert _stage_counts(summary) == counted
     assert all(s["shards_resumed"] >= 1 for s in summary["stages"][-1:])
     assert _dataset_rows(run_dir) == before
 

@@ -75,14 +75,16 @@ def test_report_numbers(run_dir):
 
 
 def test_report_of_a_resumed_run_counts_every_stage(run_dir, tmp_path):
-    """A rerun resumes everything, so summary.json shows zeros for the early stages; the report reads
-    the checkpoints and still has the full numbers."""
+    """A rerun resumes everything from the last stage's checkpoints; summary and report still have the
+    full numbers of every stage."""
     before = json.loads(build_report(run_dir).json.read_text())
     copy = tmp_path / "copy"
     shutil.copytree(run_dir.parent, copy)
     again, result = run_recipe(copy, [*PROMPTS, {"id": "copy", "prompt": PROMPTS[0]["prompt"].upper()}],
                                STAGES, FORMATS)  # fmt: skip
-    assert {s.name: s.records_in for s in result.stages}["dedup"] == 0  # never looked at again
+    # nothing recomputed, yet every stage's counts come back from its checkpoints
+    assert all(s.calls == 0 and s.shards_resumed == 4 for s in result.stages)
+    assert {s.name: s.records_in for s in result.stages}["dedup"] == len(PROMPTS) + 1
     after = json.loads(build_report(again).json.read_text())
     for key in ("records", "pairs", "stages", "dropped", "kappa"):
         assert after[key] == before[key], key

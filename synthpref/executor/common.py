@@ -278,6 +278,16 @@ async def process_shard(
     return out, info
 
 
+def earlier_info(path: Path) -> dict | None:
+    """Counters of a stage a shard resumed *after*, from its checkpoint's footer (no rows read), so a
+    resumed run's summary counts every stage as an uninterrupted run's does; None if the file is
+    gone or unreadable (its rows are not needed, only its counts are lost)."""
+    try:
+        return ck.read_info(path)
+    except ck.CheckpointError:
+        return None
+
+
 def read_resume_point(path: Path) -> tuple[list[Record], dict]:
     """The checkpoint a shard resumes from (``RunPlan.start_at`` has checked it already)."""
     try:

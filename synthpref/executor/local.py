@@ -25,6 +25,7 @@ from synthpref.executor.common import (
     StageSummary,
     build_clients,
     client_stats,
+    earlier_info,
     finish_run,
     plan_run,
     process_shard,
@@ -111,6 +112,10 @@ class LocalExecutor:
                 path = plan.path(i, k)
                 if i < start_at[k]:
                     out = None
+                    info = earlier_info(path)
+                    if info is not None:
+                        summary.add(info, resumed=True)
+                        progress.advance(stage.name, info["records_in"], note="resumed")
                 elif i == start_at[k]:
                     out, info = read_resume_point(path)
                     summary.add(info, resumed=True)

@@ -35,6 +35,7 @@ from synthpref.executor.common import (
     StageSummary,
     build_clients,
     client_stats,
+    earlier_info,
     finish_run,
     plan_run,
     process_shard,
@@ -79,6 +80,10 @@ class ShardWorker:
         if self._locks is None:  # one shard per stage at a time: a stage owns its counters
             self._locks = [asyncio.Lock() for _ in self.stages]
         done: list[tuple[int, dict, bool]] = []
+        for i in range(start_at):
+            info = earlier_info(ck.shard_path(self.stage_dirs[i], k))
+            if info is not None:
+                done.append((i, info, True))
         if start_at >= 0:
             records, info = read_resume_point(ck.shard_path(self.stage_dirs[start_at], k))
             done.append((start_at, info, True))
@@ -137,9 +142,11 @@ class RayExecutor:
             for k in range(len(plan.shards)):
                 start = plan.start_at(k)
                 if start == last:  # finished: only its counters are needed
-                    info = ck.read_info(plan.path(last, k))
-                    summaries[last].add(info, resumed=True)
-                    progress.advance(stages[last].name, info["records_in"], note="resumed")
+                    for i in range(last + 1):
+                        info = earlier_info(plan.path(i, k))
+                        if info is not None:
+                            summaries[i].add(info, resumed=True)
+                            progress.advance(stages[i].name, info["records_in"], note="resumed")
                 else:
                     todo.append((k, start))
             if todo:
