@@ -128,6 +128,20 @@ def test_a_damaged_checkpoint_is_recomputed_with_a_warning(tmp_path, damage, sta
     assert last.records_in == len(PROMPTS)
 
 
+def test_partial_writes_left_by_a_kill_are_removed_on_resume(tmp_path):
+    loaded = _loaded(tmp_path)
+    run_dir = tmp_path / "run"
+    _run(loaded)
+    stage_dir = sorted((run_dir / "checkpoints").iterdir())[0]
+    leftover = stage_dir / ".tmp-shard-00001.parquet-abc.parquet"  # a write SIGKILL interrupted
+    leftover.write_bytes(b"PAR1 half a file")
+    _run(_loaded(tmp_path))
+    assert not leftover.exists()
+    assert sorted(p.name for p in stage_dir.iterdir()) == [
+        f"shard-{k:05d}.parquet" for k in range(3)
+    ]
+
+
 # --- atomic JSON files -----------------------------------------------------------------------------
 
 

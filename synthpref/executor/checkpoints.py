@@ -100,6 +100,14 @@ def _info(schema: pa.Schema, path: Path) -> dict:
     return info
 
 
+def remove_partial_writes(stage_dir: Path) -> None:
+    """Delete the temporary files of checkpoint writes that a kill interrupted: never renamed into
+    place, so never read, but left behind they would pile up in every stage directory."""
+    if stage_dir.is_dir():
+        for tmp in stage_dir.glob(".tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+
 def set_aside(path: Path) -> Path:
     """Move a damaged checkpoint out of the way (kept for inspection, ignored by every reader)."""
     target = path.with_name(path.name + CORRUPT_SUFFIX)

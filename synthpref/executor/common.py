@@ -187,6 +187,8 @@ def plan_run(
         ]
     except RunDirError as exc:
         raise RunError(str(exc)) from None
+    for stage_dir in stage_dirs:
+        ck.remove_partial_writes(stage_dir)
     info = {
         "synthpref_run": RUN_LAYOUT,
         "fingerprint": run_fp,
