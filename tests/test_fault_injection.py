@@ -1,0 +1,200 @@
+"""Kill runs with SIGKILL at random and at fragile points, resume them, and hold the result to an
+uninterrupted run's: the same dataset, no completed model call made twice, and no judgment that failed
+only because a server said 429 or 503.
+
+Every stage kind runs (:func:`fault_fixtures.fault_recipe`), on the embedded backend and on the
+OpenAI-compatible backend against a real ``vllm serve`` behind a proxy that injects 429/503. Kill
+points are fixed per scenario and random ones are seeded, so a failure names what to rerun: each
+scenario prints its kills (``pytest -s``) and every assertion message repeats them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_recipe
+from tests.fault_fixtures import (
+    HOOK_MISSING,
+    ChildRun,
+    FaultProxy,
+    KillPoint,
+    dataset,
+    differences,
+    fault_recipe,
+    journal_counts,
+    journal_size,
+    journal_times,
+    leftover_temp_files,
+    random_kill,
+    run_child,
+    stage_counters,
+    transient_failures,
+)
+
+EMBEDDED_MODELS = {
+    "a": {"backend": "embedded"},
+    "b": {"backend": "embedded", "system_prompt": "Answer in one short sentence."},
+}
+
+#: kills in order, each in a fresh child of the same run, every one reached only after the previous
+#: resume: a scenario costs about one run of compute plus a model load per kill
+SCENARIOS: dict[str, list] = {
+    "mid-call-and-checkpoint-writes": [
+        KillPoint("call", "generate", shard=1, nth=1),  # between the results of one batch
+        KillPoint("checkpoint-partial", "rating", shard=1),
+        KillPoint("call", "flr", shard=1, nth=3),
+        KillPoint("checkpoint-written", "flr", shard=2),
+    ],
+    "torn-checkpoint-then-annotator-rubric-filter": [
+        KillPoint("checkpoint-torn", "generate", shard=1),
+        KillPoint("checkpoint-partial", "route", shard=2),
+        KillPoint("call", "rating", shard=2, nth=2),
+        KillPoint("checkpoint-partial", "length_bias_filter", shard=2),
+    ],
+}
+#: seeds of scenarios killed three times at seeded-random points (see fault_fixtures.random_kill)
+RANDOM_SEEDS = [1, 2]
+for _seed in RANDOM_SEEDS:
+    SCENARIOS[f"random-seed-{_seed}"] = [("random", _seed + 100 * k) for k in range(3)]
+
+#: embedded scores may be recomputed in other batches after a kill (padding moves float32 sums)
+EMBEDDED_TOLERANCE = 1e-5
+#: the same server answering the same requests in other batches
+SERVER_TOLERANCE = 1e-4
+
+
+@dataclass
+class Reference:
+    run_dir: Path
+    dataset: dict[str, list[dict]] = field(repr=False)
+    counters: dict[str, dict] = field(repr=False)
+    times: list[float] = field(repr=False)
+
+
+def _uninterrupted(tmp: Path, models: dict, env: dict) -> Reference:
+    tmp.mkdir(parents=True, exist_ok=True)
+    run_dir = tmp / "run"
+    recipe = write_recipe(tmp, fault_recipe(tmp, models, run_dir))
+    child = run_child(recipe, env)
+    assert child.returncode == 0, f"the uninterrupted run failed:\n{child.tail()}"
+    cache = run_dir / "cache.sqlite"
+    twice = {k: n for k, n in journal_counts(cache).items() if n > 1}
+    assert not twice, f"an uninterrupted run computed {len(twice)} request(s) twice"
+    return Reference(run_dir, dataset(run_dir), stage_counters(run_dir), journal_times(cache))
+
+
+@pytest.fixture(scope="module")
+def embedded_reference(tmp_path_factory, subprocess_env) -> Reference:
+    return _uninterrupted(tmp_path_factory.mktemp("reference"), EMBEDDED_MODELS, subprocess_env)
+
+
+def _kill(
+    recipe: Path, env: dict, kill, cache: Path, ref: Reference, log: list[str]
+) -> ChildRun | None:
+    """Start a child and kill it at ``kill``; None when a random kill found no point left."""
+    if isinstance(kill, tuple):
+        kill = random_kill(kill[1], ref.times[journal_size(cache) :])
+        if kill is None:
+            return None
+    print(f"  kill {len(log) + 1}: {kill}")
+    child = run_child(recipe, env, kill, cache=cache)
+    log.append(str(kill) if child.killed else f"{kill} (exited {child.returncode} first)")
+    assert child.returncode != HOOK_MISSING, f"{kill}: {child.tail()}"
+    return child
+
+
+def _finish(recipe: Path, env: dict, log: list[str], attempts: int = 1) -> None:
+    """Rerun to completion; ``attempts`` > 1 allows runs that stop on an error worth a rerun."""
+    for _ in range(attempts):
+        child = run_child(recipe, env)
+        if child.returncode == 0:
+            return
+        log.append(f"resume exited {child.returncode}: {child.tail(3)}")
+    pytest.fail(f"no resume completed after {' -> '.join(log)}:\n{child.tail()}")
+
+
+def _check_resumed(run_dir: Path, ref: Reference, tol: float, log: list[str]) -> None:
+    story = " -> ".join(log)
+    twice = {k[:12]: n for k, n in journal_counts(run_dir / "cache.sqlite").items() if n > 1}
+    assert not twice, f"after {story}: completed calls computed again: {twice}"
+    transient = transient_failures(run_dir)
+    assert not transient, f"after {story}: transient errors became failed judgments: {transient}"
+    diffs = differences(dataset(run_dir), ref.dataset, tol)
+    assert not diffs, (
+        f"after {story}: the dataset differs from the uninterrupted run's in {len(diffs)} "
+        "place(s):\n" + "\n".join(diffs[:15])
+    )
+    counters = differences(stage_counters(run_dir), ref.counters, 0.0, "summary")
+    assert not counters, f"after {story}: stage counters differ: {counters}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(
+    scenario, tmp_path, embedded_reference, subprocess_env
+):
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path, fault_recipe(tmp_path, EMBEDDED_MODELS, run_dir))
+    cache = run_dir / "cache.sqlite"
+    print(f"\nscenario {scenario}")
+    log: list[str] = []
+    for kill in SCENARIOS[scenario]:
+        child = _kill(recipe, subprocess_env, kill, cache, embedded_reference, log)
+        assert child is None or child.killed, (
+            f"{' -> '.join(log)}: the run was not killed (exit {child.returncode}); the kill "
+            f"point was never reached:\n{child.tail()}"
+        )
+    _finish(recipe, subprocess_env, log)
+    print(f"  leftover temporary files: {leftover_temp_files(run_dir) or 'none'}")
+    _check_resumed(run_dir, embedded_reference, EMBEDDED_TOLERANCE, log)
+
+
+#: kills of the run against the server while it answers 429/503: at a seeded-random point, then
+#: inside the log-prob judge (which scores through /v1/completions)
+SERVER_KILLS = [("random", 5), KillPoint("call", "flr", shard=1, nth=2)]
+
+
+@pytest.mark.vllm
+def test_server_returning_429_and_503_and_sigkill_change_nothing(
+    tmp_path, vllm_server, subprocess_env
+):
+    seed = 5
+    upstream = vllm_server.base_url.removesuffix("/v1")
+    with FaultProxy(upstream, seed=seed) as proxy:
+        spec = {
+            "backend": "openai",
+            "model": vllm_server.model,
+            "base_url": proxy.base_url,
+            "tokenizer": str(vllm_server.model_dir),
+            "max_concurrency": 4,
+            "max_retries": 2,  # few, so retries run out while the faults last
+        }
+        models = {"a": spec, "b": {**spec, "system_prompt": "Answer in one short sentence."}}
+        ref = _uninterrupted(tmp_path / "reference", models, subprocess_env)
+        assert not proxy.stats[429] and not proxy.stats[503]
+
+        faulty = tmp_path / "faulty"
+        faulty.mkdir()
+        run_dir = faulty / "run"
+        cache = run_dir / "cache.sqlite"
+        recipe = write_recipe(faulty, fault_recipe(faulty, models, run_dir))
+        # scattered 429/503 on generation; on scoring a rate-limit storm that outlasts every retry
+        proxy.inject(chat=(0.5, 20, (429, 503)), completions=(1.0, 60, (429,)))
+        print(f"\nproxy seed {seed}: faults {proxy.faults}")
+        log: list[str] = [f"proxy seed {seed}"]
+        landed = 0
+        for kill in SERVER_KILLS:
+            # A run may stop first on a transient error that outlasted its retries: rerun it.
+            for _ in range(6):
+                child = _kill(recipe, subprocess_env, kill, cache, ref, log)
+                if child is None or child.killed or child.returncode == 0:
+                    landed += bool(child and child.killed)
+                    break
+        _finish(recipe, subprocess_env, log, attempts=10)
+        print(f"  proxy: {dict(proxy.stats)}")
+        assert proxy.stats[429] + proxy.stats[503] > 0, "the proxy injected no fault"
+        assert landed, f"no kill landed: {' -> '.join(log)}"
+    _check_resumed(run_dir, ref, SERVER_TOLERANCE, log)
