@@ -356,7 +356,7 @@ def test_dedup_across_shards_is_exact_under_resume(tmp_path):
         later.unlink()
     run_dir, result = run_recipe(tmp_path, prompts, stages, [])
     by_name = {s.name: s for s in result.stages}
-    assert by_name["dedup"].shards_resumed == 1  # shard 1 from its checkpoint, shard 0 skipped
+    assert by_name["dedup"].shards_resumed == 2  # shards 0 and 1 counted from their checkpoints
     assert by_name["dedup"].counters["dropped:exact_duplicate"] == 1  # in shard 2
     assert by_name["dedup"].counters["dropped:near_duplicate"] == 1
     kept = pl.read_parquet(run_dir / "data" / "records.parquet")["id"].to_list()
