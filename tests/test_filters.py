@@ -62,6 +62,7 @@ def make(cls, params_cls, previous=PREVIOUS, **params):
     stage = cls(cls.type_name, params_cls(**params))
     problems = stage.check(previous)
     assert problems == [], problems
+    stage.bind(previous)
     return stage
 
 
@@ -169,6 +170,7 @@ def test_consistency_filter_defaults_to_every_judge_but_juries():
         _Named("p", "pairs"),
     ]
     assert stage.check(previous) == []
+    stage.bind(previous)
     assert stage.judges == ["a", "b"]
     stage = ConsistencyFilter("c", ConsistencyParams(min_agree=3))
     assert "min_agree: 3 is more than the 2 judge(s)" in stage.check(previous)[0]
@@ -616,7 +618,9 @@ def test_reliability_filter_replays_the_judge_on_gold_pairs(tmp_path):
     (tmp_path / "gold.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gold))
     judge = LengthScore("len", None)
     stage = ReliabilityFilter("rel", ReliabilityParams(gold="gold.jsonl", bands=0))
-    assert stage.check([_Named("gen", "generator"), judge, _Named("p", "pairs")]) == []
+    previous = [_Named("gen", "generator"), judge, _Named("p", "pairs")]
+    assert stage.check(previous) == []
+    stage.bind(previous)
     recipe = parse_recipe(
         {"source": {"path": "x.jsonl"}, "stages": [{"type": "generate"}], "output": {"dir": "r"}},
         base_dir=tmp_path,

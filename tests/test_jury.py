@@ -69,7 +69,9 @@ class _Judge:
 def jury(method, judges=("rating", "tick"), **params):
     stage = Jury("jury", JuryParams(judges=list(judges), method=method, **params))
     ranges = {"rating": (1.0, 5.0), "tick": (0.0, 1.0), "pw": (-1.0, 1.0)}
-    assert stage.check([_Judge(n, ranges[n]) for n in judges]) == []
+    previous = [_Judge(n, ranges[n]) for n in judges]
+    assert stage.check(previous) == []
+    stage.bind(previous)
     (rec,) = asyncio.run(stage.process([judged_record()]))
     return stage, {j.candidate_ids[0]: j for j in rec.judgments if j.judge == "jury"}
 
@@ -122,7 +124,7 @@ def test_agreement_counters_give_kappa():
 
 def test_absent_judge_and_min_judges():
     stage = Jury("jury", JuryParams(judges=["rating", "missing"], min_judges=2))
-    stage.check([_Judge("rating", (1, 5)), _Judge("missing", None)])
+    stage.bind([_Judge("rating", (1, 5)), _Judge("missing", None)])
     (rec,) = asyncio.run(stage.process([judged_record()]))
     jury_j = [j for j in rec.judgments if j.judge == "jury"]
     assert all(j.status == "failed" for j in jury_j)
@@ -131,7 +133,7 @@ def test_absent_judge_and_min_judges():
 
 def test_min_max_when_no_range_is_declared():
     stage = Jury("jury", JuryParams(judges=["rating", "tick"]))
-    stage.check([_Judge("rating", None), _Judge("tick", None)])
+    stage.bind([_Judge("rating", None), _Judge("tick", None)])
     (rec,) = asyncio.run(stage.process([judged_record()]))
     out = {j.candidate_ids[0]: j for j in rec.judgments if j.judge == "jury"}
     assert out["r:c0"].scores == {"rating": 1.0, "tick": 1.0}

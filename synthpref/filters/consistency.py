@@ -60,16 +60,24 @@ class ConsistencyFilter(Stage):
 
     def check(self, previous: list[Stage]) -> list[str]:
         problems = needs_pairs(previous) + judge_problems(self.params.judges, previous)
-        if self.params.judges is None:
-            self.judges = [s.name for s in previous if s.kind == "judge" and s.type_name != "jury"]
-            if not self.judges:
-                problems.append("a consistency filter needs at least one judge stage before it")
-        if self.params.min_agree is not None and self.params.min_agree > len(self.judges):
+        judges = self._voters(previous)
+        if self.params.judges is None and not judges:
+            problems.append("a consistency filter needs at least one judge stage before it")
+        if self.params.min_agree is not None and self.params.min_agree > len(judges):
             problems.append(
-                f"min_agree: {self.params.min_agree} is more than the {len(self.judges)} judge(s) "
-                f"that vote ({', '.join(self.judges)})"
+                f"min_agree: {self.params.min_agree} is more than the {len(judges)} judge(s) "
+                f"that vote ({', '.join(judges)})"
             )
         return problems
+
+    def bind(self, previous: list[Stage]) -> None:
+        self.judges = self._voters(previous)
+
+    def _voters(self, previous: list[Stage]) -> list[str]:
+        """The judges that vote: those named, or every judge before this stage but a jury."""
+        if self.params.judges is not None:
+            return list(self.params.judges)
+        return [s.name for s in previous if s.kind == "judge" and s.type_name != "jury"]
 
     def fingerprint(self) -> dict:
         return {"judges": self.judges}

@@ -54,14 +54,18 @@ class MarginFilter(Stage):
         stages = {s.name: s for s in previous}
         for name in self.params.judges or []:
             rng = getattr(stages.get(name), "score_range", None)
-            if self.params.normalize and name in stages:
-                if not rng or rng[1] <= rng[0]:
-                    problems.append(
-                        f"normalize: judge {name!r} declares no score range to normalise by"
-                    )
-                    continue
-                self._width[name] = float(rng[1] - rng[0])
+            if self.params.normalize and name in stages and (not rng or rng[1] <= rng[0]):
+                problems.append(
+                    f"normalize: judge {name!r} declares no score range to normalise by"
+                )
         return problems
+
+    def bind(self, previous: list[Stage]) -> None:
+        stages = {s.name: s for s in previous}
+        for name in self.params.judges or []:
+            rng = getattr(stages.get(name), "score_range", None)
+            if self.params.normalize and name in stages and rng and rng[1] > rng[0]:
+                self._width[name] = float(rng[1] - rng[0])
 
     def fingerprint(self) -> dict:
         return {"widths": self._width}

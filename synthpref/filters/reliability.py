@@ -240,9 +240,11 @@ class ReliabilityFilter(Stage):
         self.cv: CrossValidation | None = None
 
     def check(self, previous: list[Stage]) -> list[str]:
-        problems = needs_pairs(previous) + judge_problems(
+        return needs_pairs(previous) + judge_problems(
             [self.params.judge] if self.params.judge else [], previous, key="judge"
         )
+
+    def bind(self, previous: list[Stage]) -> None:
         judges = [s.name for s in previous if s.kind == "judge"]
         if self.judge is None and judges:
             self.judge = judges[-1]
@@ -253,7 +255,6 @@ class ReliabilityFilter(Stage):
                 for i, s in enumerate(previous[: last + 1])
                 if s.kind in ("judge", "annotator")
             ]
-        return problems
 
     def prepare(self, records: list[Record], recipe=None) -> None:
         self._gold_path = resolve(self.params.gold, recipe)
@@ -277,7 +278,7 @@ class ReliabilityFilter(Stage):
         records = [item.record.model_copy(deep=True) for item in items]
         for stage, previous in self._chain:
             replay = type(stage)(stage.name, stage.params, stage.ctx)
-            replay.check(previous)
+            replay.bind(previous)
             records = await replay.process(records)
         by_id = {r.id: r for r in records}
         gold = []

@@ -84,10 +84,13 @@ class Jury(Stage):
             problems.append("judges: a judge is listed twice")
         if self.params.min_judges > len(self.params.judges):
             problems.append("min_judges is larger than the number of judges")
+        return problems
+
+    def bind(self, previous: list[Stage]) -> None:
+        judges = {s.name: s for s in previous if s.kind == "judge"}
         for name in self.params.judges:
             declared = getattr(judges.get(name), "score_range", None)
             self._ranges[name] = self.params.ranges.get(name) or declared
-        return problems
 
     def fingerprint(self) -> dict:
         return {"ranges": {k: list(v) if v else None for k, v in self._ranges.items()}}

@@ -112,6 +112,8 @@ def parse_recipe(
         problems += _capability_problems(stages, models)
     if problems or recipe is None:
         raise RecipeError(source, problems)
+    for i, stage in enumerate(stages):
+        stage.bind(stages[:i])
     from synthpref.judges.base import self_preference_warnings
 
     warnings = self_preference_warnings(stages, models)

@@ -98,8 +98,17 @@ class Stage(ABC):
         return {m: {"generate"} for m in self.models_used()}
 
     def check(self, previous: list[Stage]) -> list[str]:
-        """Problems with this stage's place in the recipe (e.g. a pair builder with no judge before it)."""
+        """Problems with this stage's place in the recipe (e.g. a pair builder with no judge before it).
+
+        Only reports: it changes nothing on the stage, so it may be called any number of times, with
+        any ``previous``. What the stage takes from the stages before it is stored by :meth:`bind`.
+        """
         return []
+
+    def bind(self, previous: list[Stage]) -> None:  # noqa: B027
+        """Resolve and store what this stage takes from the stages before it (e.g. the judge a
+        pair builder reads). The loader calls it once per stage, in order, after every check of the
+        recipe passed; the default takes nothing."""
 
     def fingerprint(self) -> dict[str, Any]:
         """What, beyond its parameters and models, changes this stage's output (e.g. template hashes)."""

@@ -73,6 +73,9 @@ class PairsParams(StageParams):
 
 @register_stage
 class BuildPairs(Stage):
+    """Turns a judge's scores into chosen/rejected pairs by a rule (best_worst, best_random,
+    all_pairs, listwise), leaving out candidates cut off at max_tokens unless allowed."""
+
     type_name = "pairs"
     kind = "pairs"
     Params = PairsParams
@@ -82,15 +85,18 @@ class BuildPairs(Stage):
         judges = [s.name for s in previous if s.kind == "judge"]
         if not judges:
             return ["building pairs needs scores: put a judge stage before it"]
-        if self.params.judge is None:
-            self.judge = judges[-1]
-        elif self.params.judge not in judges:
+        if self.params.judge is not None and self.params.judge not in judges:
             return [
                 f"judge {self.params.judge!r} is not a judge stage before this one ({', '.join(judges)})"
             ]
+        return []
+
+    def bind(self, previous: list[Stage]) -> None:
+        judges = [s.name for s in previous if s.kind == "judge"]
+        if self.params.judge is None:
+            self.judge = judges[-1]
         else:
             self.judge = self.params.judge
-        return []
 
     def fingerprint(self) -> dict:
         return {"judge": self.judge}
