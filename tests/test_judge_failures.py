@@ -28,9 +28,9 @@ from synthpref.judges.density_ratio import (
     Customisation,
     DensityRatioJudge,
     DensityRatioParams,
-    score_isolated,
 )
 from synthpref.judges.followup import FollowupJudge, FollowupParams, FollowupSet
+from synthpref.judges.logprob import score_isolated
 from synthpref.judges.rubric import RubricJudge, RubricParams
 from synthpref.recipes.loader import parse_recipe
 from synthpref.records import Message

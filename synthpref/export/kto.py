@@ -14,14 +14,14 @@ from __future__ import annotations
 import pyarrow as pa
 
 from synthpref.export import register_format
-from synthpref.export.preference import _MESSAGES
+from synthpref.export.messages import MESSAGES
 from synthpref.records import Record
 
 KTO_SCHEMA = pa.schema(
     [
         ("prompt_id", pa.string()),
-        ("prompt", _MESSAGES),
-        ("completion", _MESSAGES),
+        ("prompt", MESSAGES),
+        ("completion", MESSAGES),
         ("label", pa.bool_()),
         ("score", pa.float64()),
         ("model", pa.string()),

@@ -11,14 +11,14 @@ from __future__ import annotations
 import pyarrow as pa
 
 from synthpref.export import register_format
-from synthpref.export.preference import _MESSAGES
+from synthpref.export.messages import MESSAGES
 from synthpref.records import Record
 
 LISTWISE_SCHEMA = pa.schema(
     [
         ("prompt_id", pa.string()),
-        ("prompt", _MESSAGES),
-        ("completions", pa.list_(_MESSAGES)),
+        ("prompt", MESSAGES),
+        ("completions", pa.list_(MESSAGES)),
         ("scores", pa.list_(pa.float64())),
         ("models", pa.list_(pa.string())),
         ("judge", pa.string()),

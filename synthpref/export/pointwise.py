@@ -11,15 +11,15 @@ from __future__ import annotations
 import pyarrow as pa
 
 from synthpref.export import register_format
-from synthpref.export.preference import _MESSAGES
+from synthpref.export.messages import MESSAGES
 from synthpref.records import Record
 from synthpref.stages.pairs import candidate_scores
 
 POINTWISE_SCHEMA = pa.schema(
     [
         ("prompt_id", pa.string()),
-        ("prompt", _MESSAGES),
-        ("completion", _MESSAGES),
+        ("prompt", MESSAGES),
+        ("completion", MESSAGES),
         ("score", pa.float64()),
         ("aspects", pa.list_(pa.struct([("name", pa.string()), ("score", pa.float64())]))),
         ("judge", pa.string()),

@@ -9,15 +9,15 @@ from __future__ import annotations
 import pyarrow as pa
 
 from synthpref.export import register_format
+from synthpref.export.messages import MESSAGES
 from synthpref.records import Record
 
-_MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 PREFERENCE_SCHEMA = pa.schema(
     [
         ("prompt_id", pa.string()),
-        ("prompt", _MESSAGES),
-        ("chosen", _MESSAGES),
-        ("rejected", _MESSAGES),
+        ("prompt", MESSAGES),
+        ("chosen", MESSAGES),
+        ("rejected", MESSAGES),
         ("score_chosen", pa.float64()),
         ("score_rejected", pa.float64()),
         ("margin", pa.float64()),

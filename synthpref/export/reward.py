@@ -12,14 +12,14 @@ from __future__ import annotations
 import pyarrow as pa
 
 from synthpref.export import register_format
-from synthpref.export.preference import _MESSAGES
+from synthpref.export.messages import MESSAGES
 from synthpref.records import Record
 
 REWARD_SCHEMA = pa.schema(
     [
         ("prompt_id", pa.string()),
-        ("chosen", _MESSAGES),
-        ("rejected", _MESSAGES),
+        ("chosen", MESSAGES),
+        ("rejected", MESSAGES),
         ("margin", pa.float64()),
         ("score_chosen", pa.float64()),
         ("score_rejected", pa.float64()),

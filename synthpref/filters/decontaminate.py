@@ -65,7 +65,9 @@ class DecontaminateParams(StageParams):
         description="an evaluation item shorter than ngram words is looked for inside prompts if it "
         "has at least this many words; a shorter one only matches an equal prompt",
     )
-    action: Literal["drop", "flag"] = "drop"
+    action: Literal["drop", "flag"] = Field(
+        "drop", description="drop contaminated prompts, or keep them marked in annotations['flags']"
+    )
 
 
 class Match(BaseModel):

@@ -56,7 +56,7 @@ class DedupParams(StageParams):
         3, ge=1, description="tokens (words, or punctuation/symbol characters) per shingle"
     )
     num_perm: int = Field(128, ge=16, description="MinHash permutations (more: more exact, slower)")
-    seed: int = 1
+    seed: int = Field(1, description="seed of the MinHash permutations")
     roles: list[Literal["system", "user", "assistant"]] = Field(
         default_factory=lambda: ["user"], description="messages whose text makes up the prompt"
     )

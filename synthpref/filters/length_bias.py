@@ -32,7 +32,9 @@ class LengthBiasParams(StageParams):
         None, ge=0, description="only pairs with a smaller margin are suspect; null: any margin"
     )
     unit: Literal["chars", "words"] = Field("words", description="how length is measured")
-    action: Literal["drop", "flag"] = "drop"
+    action: Literal["drop", "flag"] = Field(
+        "drop", description="drop suspect pairs, or keep them marked in annotations['flags']"
+    )
 
 
 @register_stage

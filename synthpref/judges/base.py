@@ -16,7 +16,7 @@ from pydantic import Field
 from synthpref.backends.client import ModelClient
 from synthpref.backends.types import Completion, GenerationRequest, SamplingParams
 from synthpref.judges.parsing import ParseError
-from synthpref.records import Message
+from synthpref.records import Message, Record
 from synthpref.stages.base import Stage, StageParams
 
 T = TypeVar("T")
@@ -25,10 +25,12 @@ T = TypeVar("T")
 class JudgeParams(StageParams):
     model: str = Field("default", description="the judging model (a name under 'models')")
     temperature: float = Field(0.0, ge=0, description="0 = greedy first attempt")
-    max_tokens: int = Field(256, ge=1)
-    seed: int = 0
+    max_tokens: int = Field(256, ge=1, description="longest reply the judge may write, in tokens")
+    seed: int = Field(0, description="sampling seed (re-asks and extra samples shift it)")
     max_retries: int = Field(2, ge=0, description="re-asks of an unparseable reply")
-    retry_temperature: float = Field(0.7, gt=0)
+    retry_temperature: float = Field(
+        0.7, gt=0, description="temperature of the re-asks (greedy would repeat the same reply)"
+    )
 
     def sampling(self, attempt: int, sample: int = 0) -> SamplingParams:
         """Attempt 0 uses the judge's settings; re-asks sample. ``sample`` tells apart the k
@@ -164,3 +166,10 @@ def self_preference_warnings(stages: Sequence[Stage], models: dict[str, Any]) ->
                         "different judge model, or a jury of several."
                     )
     return warnings
+
+
+def instruction(record: Record) -> str:
+    """The prompt as a judge reads it: the last user turn, with earlier turns as context."""
+    if len(record.prompt) == 1:
+        return record.prompt[0].content
+    return "\n\n".join(f"{m.role.upper()}: {m.content}" for m in record.prompt)

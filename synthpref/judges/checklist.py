@@ -27,9 +27,14 @@ from pydantic import Field, model_validator
 
 from synthpref.backends.client import ModelClient
 from synthpref.backends.types import Completion
-from synthpref.judges.base import JudgeParams, JudgeStage, ask_until_parsed, judge_request
+from synthpref.judges.base import (
+    JudgeParams,
+    JudgeStage,
+    ask_until_parsed,
+    instruction,
+    judge_request,
+)
 from synthpref.judges.parsing import ParseError, json_object
-from synthpref.judges.rubric import _instruction
 from synthpref.records import Judgment, Record
 from synthpref.stages.base import Stage
 from synthpref.stages.registry import register_stage
@@ -42,7 +47,7 @@ ANNOTATION = "checklist"
 
 
 class ChecklistWriterParams(JudgeParams):
-    max_tokens: int = Field(256, ge=1)
+    max_tokens: int = Field(256, ge=1, description="longest checklist reply, in tokens")
     min_questions: int = Field(2, ge=1, description="fewer parsed questions is a failed checklist")
     max_questions: int = Field(8, ge=1, description="questions beyond this are dropped (counted)")
     structured: Literal["auto", "off"] = Field(
@@ -132,7 +137,7 @@ class ChecklistWriter(Stage):
         requests = []
         for record in todo:
             text = self.template.render(
-                instruction=_instruction(record),
+                instruction=instruction(record),
                 min_questions=self.params.min_questions,
                 max_questions=self.params.max_questions,
                 json_output=json_output,
@@ -312,11 +317,11 @@ class ChecklistJudge(JudgeStage):
                 for cand in record.candidates:
                     self._no_checklist(record, cand.id, why)
                 continue
-            instruction = _instruction(record)
+            asked = instruction(record)
             for cand in record.candidates:
                 for k, question in enumerate(questions):
                     text = self.template.render(
-                        instruction=instruction,
+                        instruction=asked,
                         response=cand.text,
                         question=question,
                         json_output=json_output,

@@ -20,52 +20,28 @@ becomes a ``failed`` judgment naming the record and the candidate, and the shard
 failing backend (rate limit, server down, misconfiguration) stops the shard instead, so that a rerun
 retries it rather than finding its failures checkpointed.
 
-This module also holds the helpers the follow-up-likelihood judge shares (failure isolation, data
-file lookup, hashing).
+The helpers it shares with the follow-up-likelihood judge (failure isolation, data file lookup,
+hashing) live in ``logprob.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 import jinja2
-import yaml
 from pydantic import Field, ValidationError
 
-from synthpref.backends.base import RequestError
-from synthpref.backends.client import ModelClient
 from synthpref.backends.types import ScoreRequest, ScoreResult
+from synthpref.judges.logprob import content_hash, failed_judgment, load_yaml_file, score_isolated
 from synthpref.records import Judgment, Message, Record
 from synthpref.stages.base import Stage, StageParams
 from synthpref.stages.registry import register_stage
-from synthpref.templates import find_recipe_file, load_template, render_string
+from synthpref.templates import load_template, render_string
 
-# --- shared by the teacher-forced judges ------------------------------------------------------
-
-
-def content_hash(obj: Any) -> str:
-    """16 hex digits identifying a piece of judge configuration (as template hashes do)."""
-    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def load_yaml_file(path: str, base_dir: str | Path | None = None) -> Any:
-    """A YAML data file a recipe names, found by the recipe path rule (beside it, then shipped)."""
-    return _read_yaml(find_recipe_file(path, base_dir))
-
-
-@lru_cache(maxsize=64)
-def _read_yaml(found: Path) -> Any:
-    try:
-        return yaml.safe_load(found.read_text())
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{found} is not valid YAML: {exc}") from exc
+# --- customisation ----------------------------------------------------------------------------
 
 
 def render_text(value: str, base_dir: str | Path | None = None, **variables: Any) -> str:
@@ -74,48 +50,6 @@ def render_text(value: str, base_dir: str | Path | None = None, **variables: Any
     if value.endswith(".jinja"):
         return load_template(value, base_dir).render(**variables)
     return render_string(value, **variables)
-
-
-async def score_isolated(
-    client: ModelClient, requests: list[ScoreRequest]
-) -> list[ScoreResult | str]:
-    """Score every request in one call; when the call fails because of some of them, split it in
-    halves until the failing requests are alone, and return their error text in their place.
-
-    Only a :class:`RequestError` (the request's own content: over the context window, no token to
-    score, input the server rejects) is isolated this way. Anything else (a rate limit, a server
-    down, a misconfigured backend, a bug) propagates and stops the shard: recorded as failed
-    judgments it would be checkpointed and never retried. Work finished before a failure is in the
-    request cache, so the retries recompute nothing.
-    """
-    if not requests:
-        return []
-    try:
-        return list(await client.score(requests))
-    except RequestError as exc:
-        if len(requests) == 1:
-            return [f"{type(exc).__name__}: {exc}"]
-    half = len(requests) // 2
-    first = await score_isolated(client, requests[:half])
-    return first + await score_isolated(client, requests[half:])
-
-
-def failed_judgment(judge: str, record: Record, cand_id: str, why: str, **fields: Any) -> Judgment:
-    return Judgment(
-        judge=judge,
-        candidate_ids=[cand_id],
-        status="failed",
-        error=f"record {record.id!r} candidate {cand_id!r}: {why}",
-        **fields,
-    )
-
-
-def judged_response(record: Record, text: str) -> list[Message]:
-    """The record's conversation with the candidate as the assistant's reply."""
-    return [*record.prompt, Message(role="assistant", content=text)]
-
-
-# --- customisation ----------------------------------------------------------------------------
 
 
 class Exemplar(StageParams):
@@ -279,6 +213,8 @@ class DensityRatioParams(StageParams):
 
 @register_stage
 class DensityRatioJudge(Stage):
+    """Scores each candidate by log p_strong - log p_weak of its text, teacher-forced (CDR)."""
+
     type_name = "density_ratio"
     kind = "judge"
     Params = DensityRatioParams

@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import Field, ValidationError
 
 from synthpref.backends.types import ScoreRequest, ScoreResult
-from synthpref.judges.density_ratio import (
+from synthpref.judges.logprob import (
     content_hash,
     failed_judgment,
     judged_response,
@@ -117,6 +117,8 @@ class FollowupParams(StageParams):
 
 @register_stage
 class FollowupJudge(Stage):
+    """Scores each candidate by how likely pleased vs puzzled follow-ups become after it (FLR)."""
+
     type_name = "followup_likelihood"
     kind = "judge"
     Params = FollowupParams

@@ -35,9 +35,15 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from synthpref.backends.types import Completion, GenerationRequest
-from synthpref.judges.base import Answer, JudgeParams, JudgeStage, ask_until_parsed, judge_request
+from synthpref.judges.base import (
+    Answer,
+    JudgeParams,
+    JudgeStage,
+    ask_until_parsed,
+    instruction,
+    judge_request,
+)
 from synthpref.judges.parsing import ParseError, clip, json_object
-from synthpref.judges.rubric import _instruction
 from synthpref.metrics import sign
 from synthpref.records import Candidate, Judgment, Record
 from synthpref.stages.registry import register_stage
@@ -314,7 +320,7 @@ class PairwiseJudge(TwoOrderJudge):
 
     def render(self, record: Record, response_a: str, response_b: str, json_output: bool) -> str:
         return self.template.render(
-            instruction=_instruction(record),
+            instruction=instruction(record),
             response_a=response_a,
             response_b=response_b,
             criteria=self.params.criteria,

@@ -31,10 +31,15 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from synthpref.backends.types import Completion
-from synthpref.judges.base import JudgeParams, JudgeStage, ask_until_parsed, judge_request
+from synthpref.judges.base import (
+    JudgeParams,
+    JudgeStage,
+    ask_until_parsed,
+    instruction,
+    judge_request,
+)
 from synthpref.judges.pairwise import TwoOrderJudge, TwoOrderParams, Verdict
 from synthpref.judges.parsing import ParseError, expected_rating, json_object
-from synthpref.judges.rubric import _instruction
 from synthpref.records import Judgment, Record
 from synthpref.stages.base import StageParams
 from synthpref.stages.registry import register_stage
@@ -63,7 +68,9 @@ class ScoreRubric(StageParams):
 
 
 class _ReferenceParams(StageParams):
-    rubric: ScoreRubric
+    rubric: ScoreRubric = Field(
+        description="criteria (what is graded) and scores (a description of every score, e.g. 1-5)"
+    )
     reference_field: str | None = Field(
         None,
         description="input column (record metadata field) holding a reference answer; null: none",
@@ -196,7 +203,7 @@ class AbsoluteJudge(JudgeStage):
                     failed.append((record, cand.id, error))
                     continue
                 text = self.template.render(
-                    instruction=_instruction(record),
+                    instruction=instruction(record),
                     response=cand.text,
                     reference=reference,
                     rubric=self.params.rubric.model_dump(),
@@ -362,7 +369,7 @@ class RelativeJudge(TwoOrderJudge):
     def render(self, record: Record, response_a: str, response_b: str, json_output: bool) -> str:
         reference = self._refs.get(record.id)
         return self.template.render(
-            instruction=_instruction(record),
+            instruction=instruction(record),
             response_a=response_a,
             response_b=response_b,
             reference=reference,

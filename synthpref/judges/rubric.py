@@ -14,7 +14,13 @@ from typing import Literal
 from pydantic import Field
 
 from synthpref.backends.types import Completion
-from synthpref.judges.base import JudgeParams, JudgeStage, ask_until_parsed, judge_request
+from synthpref.judges.base import (
+    JudgeParams,
+    JudgeStage,
+    ask_until_parsed,
+    instruction,
+    judge_request,
+)
 from synthpref.judges.parsing import expected_rating, parse_rating
 from synthpref.records import Judgment, Record
 from synthpref.stages.registry import register_stage
@@ -47,6 +53,8 @@ class RubricParams(JudgeParams):
 
 @register_stage
 class RubricJudge(JudgeStage):
+    """Rates each candidate 1-5 per aspect, one call per aspect (UltraFeedback-style)."""
+
     type_name = "rubric_judge"
     Params = RubricParams
     params: RubricParams
@@ -77,10 +85,10 @@ class RubricJudge(JudgeStage):
         weighted = self.params.score == "expected" and client.supports("top_logprobs")
         units, requests = [], []
         for record in records:
-            instruction = _instruction(record)
+            asked = instruction(record)
             for cand in record.candidates:
                 for aspect in self.params.aspects:
-                    text = self.template(aspect).render(instruction=instruction, response=cand.text)
+                    text = self.template(aspect).render(instruction=asked, response=cand.text)
                     requests.append(
                         judge_request(text, prefill or "", top_logprobs=20 if weighted else 0)
                     )
@@ -142,10 +150,3 @@ def _parse(raw: str, completion: Completion) -> Rating:
     if weighted is None:
         return Rating(rating, rating, rationale, None)
     return Rating(rating, weighted[0], rationale, weighted[1])
-
-
-def _instruction(record: Record) -> str:
-    """The prompt as a judge reads it: the last user turn, with earlier turns as context."""
-    if len(record.prompt) == 1:
-        return record.prompt[0].content
-    return "\n\n".join(f"{m.role.upper()}: {m.content}" for m in record.prompt)

@@ -33,15 +33,21 @@ class GenerateParams(StageParams):
         description="model names, or {model: name, n: .., temperature: ..} to override per model",
     )
     n: int = Field(2, ge=1, le=MAX_SAMPLES, description="samples per prompt per model")
-    temperature: float = Field(0.8, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    max_tokens: int = Field(256, ge=1, le=MAX_TOKENS)
-    seed: int = 0
-    stop: list[str] = Field(default_factory=list)
+    temperature: float = Field(0.8, ge=0, description="sampling temperature; 0 = greedy")
+    top_p: float = Field(
+        0.95, gt=0, le=1, description="nucleus sampling: keep this probability mass"
+    )
+    max_tokens: int = Field(
+        256, ge=1, le=MAX_TOKENS, description="longest response, in tokens (longer ones are cut)"
+    )
+    seed: int = Field(0, description="sampling seed; each sample draws from its own seeded stream")
+    stop: list[str] = Field(default_factory=list, description="strings that end a response")
 
 
 @register_stage
 class Generate(Stage):
+    """Samples n candidate responses per prompt from each listed model."""
+
     type_name = "generate"
     kind = "generator"
     Params = GenerateParams

@@ -73,7 +73,9 @@ DEFAULT_DESCRIPTIONS = {
 class RouteParams(StageParams):
     key: str = Field("domain", description="the annotation this stage sets")
     domains: list[str] = Field(
-        default_factory=lambda: ["chat", "reasoning", "safety"], min_length=1
+        default_factory=lambda: ["chat", "reasoning", "safety"],
+        min_length=1,
+        description="the domains a prompt may be given",
     )
     default: str = Field("chat", description="the domain of prompts nothing else decided")
     metadata_field: str | None = Field(
@@ -86,8 +88,14 @@ class RouteParams(StageParams):
     model: str | None = Field(
         None, description="classify the prompts no rule matched with this model; null: no model"
     )
-    method: Literal["likelihood", "generate"] = "likelihood"
-    template: str = "router/classify.jinja"
+    method: Literal["likelihood", "generate"] = Field(
+        "likelihood",
+        description="likelihood: the most likely domain name as the model's reply (needs scoring); "
+        "generate: the name the model writes",
+    )
+    template: str = Field(
+        "router/classify.jinja", description="the classification prompt the model reads"
+    )
     descriptions: dict[str, str] = Field(
         default_factory=dict,
         description="domain -> one-line description for the classification prompt",
@@ -106,6 +114,8 @@ class RouteParams(StageParams):
 
 @register_stage
 class Route(Stage):
+    """Assigns each prompt a domain (metadata field, rules, or a model) in record.annotations."""
+
     type_name = "route"
     kind = "annotator"
     Params = RouteParams
