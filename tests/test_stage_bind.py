@@ -11,24 +11,9 @@ from synthpref.filters.margin import MarginFilter, MarginParams
 from synthpref.filters.reliability import ReliabilityFilter, ReliabilityParams
 from synthpref.judges.jury import Jury, JuryParams
 from synthpref.recipes.loader import parse_recipe
-from synthpref.stages.base import Stage
 from synthpref.stages.pairs import BuildPairs, PairsParams
 from tests.conftest import tiny_recipe
-
-
-class _Named(Stage):
-    type_name = "stand_in"
-
-    def __init__(self, name: str, kind: str, score_range=None, type_name: str = "stand_in"):
-        super().__init__(name, None)
-        self.kind = kind
-        self.type_name = type_name
-        if score_range:
-            self.score_range = score_range
-
-    async def process(self, records):
-        return records
-
+from tests.test_filters import _Named
 
 GEN = _Named("gen", "generator")
 RATING = _Named("rating", "judge", (1.0, 5.0))
