@@ -5,7 +5,8 @@ damaged run directory, data that does not belong to the run that ``run.json`` na
 edited recipe that did not finish) or that changed after it was exported, a malformed repository id,
 an unknown format, a format that needs scores (or pairs, or rankings) the run did not produce, or a
 missing token stop the push with a clear error and nothing is sent. The full records and the source's
-columns are uploaded only when asked (``select.py``); the card lists every uploaded file and column. The upload goes through ``huggingface_hub`` itself (``create_repo`` then ``upload_folder``);
+columns are uploaded only when asked (``select.py``); the card lists every uploaded file and column.
+The upload goes through ``huggingface_hub`` itself (``create_repo`` then ``upload_folder``);
 ``HF_ENDPOINT`` selects another Hub. ``dry_run`` writes the folder that would be uploaded and stops.
 
 The token comes from ``HF_TOKEN`` or the saved ``hf auth login``; it is handed to ``huggingface_hub``
@@ -22,10 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from synthpref.executor.run_meta import RunInfo, load
 from synthpref.hub.errors import PushError
 from synthpref.hub.select import UploadedFile, UploadSelection, check_columns, write_table
-from synthpref.report import ReportError, build_report, check_run_dir
+from synthpref.report import CheckedRun, ReportError, build_report, check_run_dir
 
 DEFAULT_FOLDER = "hub-upload"
 
@@ -52,6 +52,15 @@ def check_repo_id(repo_id: str) -> None:
         raise PushError(f"malformed repository id {repo_id!r}: {exc}") from None
 
 
+def _checked(run_dir: Path) -> CheckedRun:
+    """The run, verified (fingerprints agree, data unchanged since export) before anything is
+    written or uploaded."""
+    try:
+        return check_run_dir(run_dir, require_digests=True)
+    except ReportError as exc:
+        raise PushError(str(exc)) from None
+
+
 def _run_formats(summary) -> list[str]:
     return [n for n in summary.outputs if n != "records"]
 
@@ -63,8 +72,10 @@ def stage_folder(
     formats: list[str] | None = None,
     license: str = "other",
     choice: UploadSelection | None = None,
+    checked: CheckedRun | None = None,
 ) -> PushResult:
-    """Assemble exactly what would be uploaded into ``folder`` (which must be empty or absent)."""
+    """Assemble exactly what would be uploaded into ``folder`` (which must be empty or absent);
+    ``checked``: the run as ``check_run_dir`` already verified it (else it is checked here)."""
     import pyarrow.parquet as pq
 
     from synthpref.export import formats as registered
@@ -75,11 +86,7 @@ def stage_folder(
     check_repo_id(repo_id)
     choice = choice or UploadSelection()
     run_dir = Path(run_dir)
-    try:
-        summary = check_run_dir(run_dir, require_digests=True)
-    except ReportError as exc:
-        raise PushError(str(exc)) from None
-    run = load(run_dir / "run.json", RunInfo)
+    run, summary = checked or _checked(run_dir)
     wanted = list(dict.fromkeys(formats)) if formats else _run_formats(summary)
     known = registered()
     unknown = [f for f in wanted if f not in known]
@@ -130,7 +137,7 @@ def stage_folder(
         yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True), encoding="utf-8"
     )
     try:
-        report = build_report(run_dir, out_dir=folder / "report")
+        report = build_report(run_dir, out_dir=folder / "report", checked=CheckedRun(run, summary))
     except ReportError as exc:
         raise PushError(str(exc)) from None
     card = build_card(
@@ -199,10 +206,7 @@ def push(
     choice = selection(
         records=records, keep_metadata=keep_metadata, drop_columns=drop_columns or []
     )
-    try:
-        check_run_dir(run_dir, require_digests=True)
-    except ReportError as exc:
-        raise PushError(str(exc)) from None
+    checked = _checked(run_dir)
     if dry_run:
         target = Path(folder) if folder else run_dir / DEFAULT_FOLDER
         if target.exists():
@@ -212,7 +216,7 @@ def push(
                 )
             shutil.rmtree(target)
         try:
-            result = stage_folder(run_dir, repo_id, target, formats, license, choice)
+            result = stage_folder(run_dir, repo_id, target, formats, license, choice, checked)
         except BaseException:
             shutil.rmtree(target, ignore_errors=True)
             raise
@@ -230,7 +234,7 @@ def push(
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
     with tempfile.TemporaryDirectory(prefix="synthpref-push-") as tmp:
         staged = Path(tmp) / "upload"
-        result = stage_folder(run_dir, repo_id, staged, formats, license, choice)
+        result = stage_folder(run_dir, repo_id, staged, formats, license, choice, checked)
         _scan_for_secret(staged, token)
         result.url, result.commit = _upload(staged, repo_id, private, token, endpoint, result)
         result.folder = None

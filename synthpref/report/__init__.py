@@ -11,9 +11,23 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from synthpref.report.collect import ReportError, RunStats, check_run_dir, collect
+from synthpref.report.collect import (
+    CheckedRun,
+    ReportError,
+    RunStats,
+    check_run_dir,
+    collect,
+)
 
-__all__ = ["Report", "ReportError", "RunStats", "build_report", "check_run_dir", "collect"]
+__all__ = [
+    "CheckedRun",
+    "Report",
+    "ReportError",
+    "RunStats",
+    "build_report",
+    "check_run_dir",
+    "collect",
+]
 
 
 @dataclass
@@ -30,12 +44,14 @@ class Report:
         return render(self.stats, self.figures, image_prefix=image_prefix, heading=heading)
 
 
-def build_report(run_dir: Path, out_dir: Path | None = None) -> Report:
+def build_report(
+    run_dir: Path, out_dir: Path | None = None, checked: CheckedRun | None = None
+) -> Report:
     from synthpref.report.markdown import render
     from synthpref.report.plots import draw_all
 
     run_dir = Path(run_dir)
-    stats = collect(run_dir)
+    stats = collect(run_dir, checked)
     out_dir = out_dir or run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = draw_all(stats, out_dir)

@@ -13,7 +13,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,8 +32,18 @@ class ReportError(ValueError):
     pass
 
 
-def check_run_dir(run_dir: Path, *, require_digests: bool = False) -> RunSummary:
-    """The run's summary, or ReportError naming what makes the directory not a finished run: a
+class CheckedRun(NamedTuple):
+    """A run directory that passed :func:`check_run_dir`: its ``run.json`` and ``summary.json``.
+
+    Handed on to whatever reads the run next (the report, the upload), so the exported files are
+    hashed and the JSON files parsed once per command, not once per reader."""
+
+    run: RunInfo
+    summary: RunSummary
+
+
+def check_run_dir(run_dir: Path, *, require_digests: bool = False) -> CheckedRun:
+    """The run's ``run.json`` and summary, or ReportError naming what makes the directory not a finished run: a
     missing or malformed file, a ``run.json`` of another run than the one ``summary.json`` and
     ``data/`` describe (a later run started and did not finish), or data changed since it was
     exported. ``require_digests``: also refuse a summary that records no digests (older runs)."""
@@ -82,7 +92,7 @@ def check_run_dir(run_dir: Path, *, require_digests: bool = False) -> RunSummary
                 f"{run_dir}: {', '.join(changed)}; the data no longer matches summary.json. "
                 "Rerun `synthpref run RECIPE` to export it again"
             )
-    return summary
+    return CheckedRun(run, summary)
 
 
 @dataclass
@@ -171,10 +181,10 @@ def words(text: str) -> int:
     return length(text, "words")
 
 
-def collect(run_dir: Path) -> RunStats:
+def collect(run_dir: Path, checked: CheckedRun | None = None) -> RunStats:
+    """Everything the report shows; ``checked``: the run as :func:`check_run_dir` already read it."""
     run_dir = Path(run_dir)
-    summary = check_run_dir(run_dir)
-    run = load(run_dir / "run.json", RunInfo)
+    run, summary = checked or check_run_dir(run_dir)
     recipe = run.recipe
     stats = RunStats(
         run_dir=run_dir,
