@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from synthpref.backends.openai_backend import missing_key
 from synthpref.errors import SynthprefError
 from synthpref.recipes.loader import LoadedRecipe, RecipeError, load_recipe, parse_recipe
 
@@ -59,12 +60,9 @@ def api_key_notes(loaded: LoadedRecipe) -> tuple[list[str], list[str]]:
             continue
         where = f"models.{name}.api_key_env"
         base_url = getattr(spec, "base_url", None)
-        if base_url is None:
-            problems.append(
-                f"{where}: the OpenAI API needs a key and the environment variable {env} is unset; "
-                "set it, point api_key_env at the variable that holds the key, or set base_url "
-                "for a local server"
-            )
+        problem = missing_key(env, base_url)
+        if problem:
+            problems.append(f"{where}: {problem}")
         elif not _is_local(base_url):
             warnings.append(
                 f"{where}: the environment variable {env} is unset, so requests to {base_url} "

@@ -155,6 +155,18 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+def missing_key(env: str, base_url: str | None) -> str | None:
+    """Why a model cannot be called for want of a key, or None: only the OpenAI API itself (no
+    ``base_url``) requires one; a self-hosted server usually needs none. Checked before a run
+    (``synthpref.checks``) and again when the backend is built."""
+    if base_url is not None or os.environ.get(env):
+        return None
+    return (
+        f"the OpenAI API needs a key: set the environment variable {env} (or point "
+        "api_key_env at the variable that holds it), or set base_url for a local server"
+    )
+
+
 class OpenAIBackend(Backend):
     """Chat completions for generation, ``/v1/completions`` with ``echo`` for scoring.
 
@@ -223,11 +235,9 @@ class OpenAIBackend(Backend):
         key = os.environ.get(env)
         if key:
             return key
-        if self.base_url is None:
-            raise BackendError(
-                f"the OpenAI API needs a key: set the environment variable {env} (or point "
-                "api_key_env at the variable that holds it), or set base_url for a local server"
-            )
+        problem = missing_key(env, self.base_url)
+        if problem:
+            raise BackendError(problem)
         return NO_KEY
 
     @property
