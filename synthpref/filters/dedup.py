@@ -7,8 +7,8 @@ and ``Is 5 < 3?`` are different questions, and so are ``Hello, world.`` and ``He
 Near duplicates are prompts whose shingle sets have an (estimated) Jaccard similarity of at least
 ``threshold``: each prompt gets a MinHash signature, locality-sensitive hashing (``datasketch``) finds
 candidate matches, and a candidate counts only if its estimated similarity really reaches the
-threshold (the LSH bands favour recall, so few such pairs are missed). Shingles are runs of ``ngram`` tokens, where a token is a folded word or a single
-punctuation or symbol character. Whitespace does not matter there (``3+4`` and ``3 + 4`` are near
+threshold (the LSH bands favour recall, so few such pairs are missed). Shingles are runs of
+``ngram`` tokens, where a token is a folded word or a single punctuation or symbol character. Whitespace does not matter there (``3+4`` and ``3 + 4`` are near
 duplicates), but operators do: in a short prompt a changed ``>`` alters most shingles, so prompts that
 differ only in an operator stay apart at the default threshold. In a long prompt one changed symbol
 touches few shingles, and such prompts are near duplicates by design. Of a group of duplicates the
