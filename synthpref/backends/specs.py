@@ -1,8 +1,11 @@
 """Model specs: how a recipe declares a model once and names it everywhere else.
 
-Each backend registers a pydantic spec class under its ``backend:`` name. Fields marked
-``volatile`` (batch sizes, concurrency, timeouts, credentials' location) change how fast a run goes,
-never what it produces, so they stay out of run fingerprints.
+Each backend is a pydantic spec class found by its ``backend:`` name in ``BACKENDS`` (a
+:class:`synthpref.registry.Registry`): the shipped ones from a lazy table, others from the
+``synthpref.backends`` entry-point group of an installed package (a ``ModelSpec`` subclass whose
+``backend_name`` is the entry point's name). Fields marked ``volatile`` (batch sizes, concurrency,
+timeouts, credentials' location) change how fast a run goes, never what it produces, so they stay out
+of run fingerprints.
 
 A spec's fields name a model but do not pin it (a checkpoint retrained in place keeps its path), so
 ``weights_identity`` adds what the fields cannot show (see :mod:`synthpref.backends.identity`), and
@@ -18,6 +21,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from synthpref.backends.base import Backend
+from synthpref.registry import Registry, UnknownName
 
 VOLATILE = {"volatile": True}
 
@@ -74,27 +78,61 @@ class ModelSpec(BaseModel):
         return f"{self.backend}:{self.display_name()}:{digest}"
 
 
-_SPECS: dict[str, type[ModelSpec]] = {}
+class UnknownBackend(UnknownName, ValueError):
+    """A ``backend:`` name that does not resolve, or a backend plugin that is not a usable spec."""
+
+
+def _checked_spec(obj: object, where: str, name: str) -> type[ModelSpec]:
+    if not (isinstance(obj, type) and issubclass(obj, ModelSpec)):
+        what = f"the class {obj.__name__}" if isinstance(obj, type) else f"a {type(obj).__name__}"
+        raise UnknownBackend(
+            f"{where} is {what}, not a model spec; a backend plugin subclasses "
+            f"synthpref.backends.specs.ModelSpec with backend_name = {name!r}"
+        )
+    declared = getattr(obj, "backend_name", None)
+    if declared != name:
+        raise UnknownBackend(
+            f"{where}: {obj.__name__}.backend_name is {declared!r}, not {name!r}; a recipe's "
+            "'backend:' names a spec by its backend_name, so the two must agree"
+        )
+    missing = [m for m in ("build", "capabilities") if getattr(obj, m) is getattr(ModelSpec, m)]
+    if missing:
+        raise UnknownBackend(f"{where}: {obj.__name__} does not implement {', '.join(missing)}")
+    return obj
+
+
+#: the shipped backends, imported only when named (listing them imports no torch or vllm: each spec
+#: module imports its engine only when a backend is built)
+BUILTIN_BACKENDS = {
+    "embedded": "synthpref.backends.builtin:EmbeddedSpec",
+    "transformers": "synthpref.backends.builtin:TransformersSpec",
+    "vllm": "synthpref.backends.vllm_backend:VLLMSpec",
+    "openai": "synthpref.backends.openai_backend:OpenAISpec",
+}
+
+BACKENDS: Registry[type[ModelSpec]] = Registry(
+    "backend",
+    ("synthpref.backends",),
+    validate=_checked_spec,
+    name_of=lambda cls: cls.backend_name,
+    builtins=BUILTIN_BACKENDS,
+    error=UnknownBackend,
+)
 
 
 def register_backend(cls: type[ModelSpec]) -> type[ModelSpec]:
-    _SPECS[cls.backend_name] = cls
-    return cls
+    """Class decorator: a spec under its ``backend_name`` at run time (test doubles use it)."""
+    return BACKENDS.register(cls)
 
 
 def spec_class(backend: str) -> type[ModelSpec]:
-    _load_builtin()
-    try:
-        return _SPECS[backend]
-    except KeyError:
-        raise ValueError(
-            f"unknown backend {backend!r}; choose one of {', '.join(sorted(_SPECS))}"
-        ) from None
+    """The spec class of a ``backend:`` name; UnknownBackend (a ValueError) says why there is none."""
+    return BACKENDS.get(backend)
 
 
 def backend_names() -> list[str]:
-    _load_builtin()
-    return sorted(_SPECS)
+    """Every backend name: built-ins, then installed plugins."""
+    return BACKENDS.names()
 
 
 def fingerprint_fields(model: BaseModel) -> dict[str, Any]:
@@ -116,7 +154,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
-
-
-def _load_builtin() -> None:
-    from synthpref.backends import builtin  # noqa: F401  (registers the shipped backends)

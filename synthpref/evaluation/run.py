@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from rich.console import Console
 
+from synthpref.errors import SynthprefError
 from synthpref.evaluation.data import (
     EvalItem,
     data_stem,
@@ -42,8 +43,9 @@ from synthpref.sources import InputError
 EVAL_KINDS = ("annotator", "judge")  # annotators run too: judges may read what they write
 
 
-class EvalError(ValueError):
-    pass
+class EvalError(SynthprefError, ValueError):
+    """``eval-judges`` has nothing to evaluate: the recipe has no judge stage, or the data no usable
+    labelled pair."""
 
 
 @dataclass

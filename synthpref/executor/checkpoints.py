@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from synthpref.errors import DataError
 from synthpref.executor.durable import write_atomic
 from synthpref.records import Record, records_from_arrow, records_to_arrow
 
@@ -25,7 +26,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 CORRUPT_SUFFIX = ".corrupt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DataError, ValueError):
     """A checkpoint file that cannot be read back: truncated, not Parquet, or without its info."""
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from synthpref.backends.client import ModelClient
+from synthpref.errors import SynthprefError
 from synthpref.executor import checkpoints as ck
 from synthpref.executor.durable import write_json, write_jsonl
 from synthpref.executor.fingerprint import digest, input_fingerprint, stage_fingerprints
@@ -29,8 +30,8 @@ from synthpref.sources import InputError, load_records, no_usable_prompt
 from synthpref.stages.base import Stage, StageContext, candidate_id_problem
 
 
-class RunError(RuntimeError):
-    pass
+class RunError(SynthprefError, RuntimeError):
+    """A run stopped; the message names the stage and shard where known, and the cause."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+from synthpref.errors import DataError
 from synthpref.executor.run_meta import RunInfo, RunMetaError, load
 from synthpref.executor.worker_cache import WORKER_CACHE_DIR
 
@@ -27,8 +28,8 @@ _STAGE_DIR = re.compile(r"\d{2}-.+-[0-9a-f]{12}")
 _CHECKPOINT_FILE = re.compile(r"(shard-\d{5}\.parquet(\.corrupt)?|\.tmp-.*)")
 
 
-class RunDirError(ValueError):
-    pass
+class RunDirError(DataError, ValueError):
+    """A folder that may not be used as a run directory, or cleared by ``--fresh``."""
 
 
 def is_run_dir(folder: Path) -> bool:

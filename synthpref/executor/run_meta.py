@@ -20,11 +20,13 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from synthpref.errors import DataError
+
 RUN_LAYOUT = 1
 _LEGACY_KEYS = {"fingerprint", "input", "stages", "recipe"}
 
 
-class RunMetaError(ValueError):
+class RunMetaError(DataError, ValueError):
     """A run.json or summary.json that is missing, not JSON, or not shaped as synthpref writes it."""
 
 

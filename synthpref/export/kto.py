@@ -30,7 +30,11 @@ KTO_SCHEMA = pa.schema(
 )
 
 
-@register_format("kto", KTO_SCHEMA)
+@register_format(
+    "kto",
+    KTO_SCHEMA,
+    "unpaired responses labelled desirable or not, for TRL's KTOTrainer (and BCO)",
+)
 def kto_rows(record: Record):
     prompt = [m.model_dump() for m in record.prompt]
     tally: dict[str, list] = {}  # candidate id -> [wins, losses, score, judge]

@@ -26,7 +26,11 @@ LISTWISE_SCHEMA = pa.schema(
 )
 
 
-@register_format("listwise", LISTWISE_SCHEMA)
+@register_format(
+    "listwise",
+    LISTWISE_SCHEMA,
+    "each prompt with its responses ranked best first and their scores (ListMLE, LiPO, PRO)",
+)
 def listwise_rows(record: Record):
     ranking = record.annotations.get("ranking")
     if not ranking:

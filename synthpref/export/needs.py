@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal
 
+from synthpref.errors import DataError
+
 if TYPE_CHECKING:
     from synthpref.records import Record
     from synthpref.stages.base import Stage
@@ -33,7 +35,7 @@ _HOW = {
 }
 
 
-class MissingData(ValueError):
+class MissingData(DataError, ValueError):
     """A format needs scores, pairs or rankings that the run did not produce."""
 
 
@@ -48,17 +50,18 @@ def _stage_provides(stage: Stage) -> set[Need]:
 
 def recipe_problems(formats: Iterable[str], stages: list[Stage]) -> list[str]:
     """Problems with a recipe's output formats: unknown names, or data no stage produces."""
-    from synthpref.export import formats as registered
+    from synthpref.export import FORMATS
+    from synthpref.registry import UnknownName
 
-    known = registered()
     provided: set[Need] = set().union(*(_stage_provides(s) for s in stages)) if stages else set()
     problems = []
     for name in formats:
-        if name not in known:
-            problems.append(
-                f"output.formats: unknown format {name!r}; available: {', '.join(sorted(known))}"
-            )
-        elif NEEDS.get(name) and NEEDS[name] not in provided:
+        try:
+            FORMATS.get(name)
+        except UnknownName as exc:
+            problems.append(f"output.formats: {exc}")
+            continue
+        if NEEDS.get(name) and NEEDS[name] not in provided:
             problems.append(f"output.formats: format {name!r} needs {_HOW[NEEDS[name]]}")
     return problems
 

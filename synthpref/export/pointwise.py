@@ -29,7 +29,11 @@ POINTWISE_SCHEMA = pa.schema(
 )
 
 
-@register_format("pointwise", POINTWISE_SCHEMA)
+@register_format(
+    "pointwise",
+    POINTWISE_SCHEMA,
+    "one row per response and judge with the judge's score, for regression reward models",
+)
 def pointwise_rows(record: Record):
     prompt = [m.model_dump() for m in record.prompt]
     judges = list(dict.fromkeys(j.judge for j in record.judgments))

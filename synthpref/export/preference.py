@@ -29,7 +29,11 @@ PREFERENCE_SCHEMA = pa.schema(
 )
 
 
-@register_format("preference", PREFERENCE_SCHEMA)
+@register_format(
+    "preference",
+    PREFERENCE_SCHEMA,
+    "TRL conversational preference pairs (prompt, chosen, rejected), for DPO, ORPO, CPO",
+)
 def preference_rows(record: Record):
     prompt = [m.model_dump() for m in record.prompt]
     for pair in record.pairs:

@@ -29,7 +29,11 @@ REWARD_SCHEMA = pa.schema(
 )
 
 
-@register_format("reward", REWARD_SCHEMA)
+@register_format(
+    "reward",
+    REWARD_SCHEMA,
+    "whole chosen/rejected conversations with the judge's margin, for TRL's RewardTrainer",
+)
 def reward_rows(record: Record):
     prompt = [m.model_dump() for m in record.prompt]
     for pair in record.pairs:

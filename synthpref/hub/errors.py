@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from synthpref.errors import SynthprefError
 
-class PushError(ValueError):
-    pass
+
+class PushError(SynthprefError, ValueError):
+    """``synthpref push`` refused (a failed check of the run, a contradictory option) or failed to upload."""

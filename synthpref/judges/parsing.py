@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import re
 
+from synthpref.errors import SynthprefError
 
-class ParseError(ValueError):
-    pass
+
+class ParseError(SynthprefError, ValueError):
+    """A judge's reply does not parse; the message says what was seen (judges re-ask, then record a
+    failed judgment)."""
 
 
 _NUM = r"(-?\d+(?:\.\d+)?)"

@@ -10,6 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from synthpref.backends.specs import ModelSpec, spec_class
+from synthpref.errors import ConfigError
 from synthpref.recipes.schema import Recipe, StageSpec
 from synthpref.recipes.yaml_text import read_yaml, yaml_path
 from synthpref.stages.base import Stage
@@ -18,7 +19,7 @@ from synthpref.stages.registry import UnknownStage, resolve_stage
 DEFAULT_MODEL = "default"
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError, ValueError):
     """Everything wrong with a recipe, one problem per line, each with its YAML path."""
 
     def __init__(self, source: str, problems: list[str]) -> None:
@@ -114,7 +115,7 @@ def parse_recipe(
         raise RecipeError(source, problems)
     for i, stage in enumerate(stages):
         stage.bind(stages[:i])
-    from synthpref.judges.base import self_preference_warnings
+    from synthpref.judges.self_preference import self_preference_warnings
 
     warnings = self_preference_warnings(stages, models)
     return LoadedRecipe(recipe=recipe, models=models, stages=stages, raw=raw, warnings=warnings)

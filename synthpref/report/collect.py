@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from synthpref.errors import DataError
 from synthpref.executor import checkpoints as ck
 from synthpref.executor.run_meta import RunInfo, RunMetaError, RunSummary, changed_files, load
 from synthpref.metrics import cohen_kappa, pairwise_labels
@@ -28,8 +29,8 @@ REQUIRED = ("run.json", "summary.json", "data/records.parquet")
 PAIR_FILTERS = {"margin_filter", "consistency_filter", "length_bias_filter", "reliability_filter"}
 
 
-class ReportError(ValueError):
-    pass
+class ReportError(DataError, ValueError):
+    """A folder that is not a finished, intact run: missing or malformed files, changed exports."""
 
 
 class CheckedRun(NamedTuple):

@@ -2,106 +2,27 @@
 
 Three ways, so users extend synthpref without forking it: a built-in name (``generate``), an entry
 point in the ``synthpref.stages`` or ``synthpref.judges`` group of an installed package, or a
-``module:Class`` import path.
+``module:Class`` import path. ``STAGES`` is a :class:`synthpref.registry.Registry`, the type that
+backends and output formats use too; the shipped stages fill its built-in table through
+``@register_stage`` when ``synthpref.builtin_stages`` is imported (on the first lookup).
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import importlib.metadata
 import inspect
 from typing import get_args
 
+from synthpref.registry import Registry, UnknownName
 from synthpref.stages.base import Stage, StageKind
 
 ENTRY_POINT_GROUPS = ("synthpref.stages", "synthpref.judges")
-_BUILTIN: dict[str, type[Stage]] = {}
 
 
-def register_stage(cls: type[Stage]) -> type[Stage]:
-    if cls.type_name in _BUILTIN and _BUILTIN[cls.type_name] is not cls:
-        raise ValueError(f"two stages claim the type name {cls.type_name!r}")
-    _BUILTIN[cls.type_name] = cls
-    return cls
+class UnknownStage(UnknownName):
+    """A stage type that does not resolve: unknown, failing to import, or not a usable Stage."""
 
 
-class UnknownStage(LookupError):
-    pass
-
-
-def builtin_stages() -> dict[str, type[Stage]]:
-    import synthpref.builtin_stages  # noqa: F401  (registers every shipped stage)
-
-    return dict(_BUILTIN)
-
-
-def plugin_stages() -> dict[str, str]:
-    """Entry-point name -> 'module:attr' for every installed plugin stage."""
-    found = {}
-    for group in ENTRY_POINT_GROUPS:
-        for ep in importlib.metadata.entry_points(group=group):
-            found[ep.name] = ep.value
-    return found
-
-
-def resolve_stage(type_name: str) -> type[Stage]:
-    stages = builtin_stages()
-    if type_name in stages:
-        return stages[type_name]
-    for group in ENTRY_POINT_GROUPS:
-        for ep in importlib.metadata.entry_points(group=group, name=type_name):
-            where = f"entry point {type_name!r} = {ep.value!r} (group {group}{_dist(ep)})"
-            try:
-                obj = ep.load()
-            except Exception as exc:
-                raise UnknownStage(f"{where} failed to load: {type(exc).__name__}: {exc}") from exc
-            return _checked(obj, where)
-    if ":" in type_name:
-        module_name, _, attr = type_name.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.split(".")[0] != exc.name.split(".")[0]:
-                raise UnknownStage(
-                    f"importing module {module_name!r} failed: it needs {exc.name!r}, which is not "
-                    "installed"
-                ) from exc
-            raise UnknownStage(
-                f"cannot import module {module_name!r}: {exc}. Install the package that provides "
-                "it in this environment, or put its directory on PYTHONPATH"
-            ) from exc
-        except Exception as exc:
-            raise UnknownStage(
-                f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}"
-            ) from exc
-        try:
-            obj = getattr(module, attr)
-        except AttributeError:
-            public = sorted(
-                n
-                for n, v in vars(module).items()
-                if isinstance(v, type) and issubclass(v, Stage) and not inspect.isabstract(v)
-            )
-            hint = f" (its Stage classes: {', '.join(public)})" if public else ""
-            raise UnknownStage(f"module {module_name!r} has no attribute {attr!r}{hint}") from None
-        return _checked(obj, repr(type_name))
-    known = sorted(stages) + sorted(plugin_stages())
-    close = difflib.get_close_matches(type_name, known, n=1)
-    did_you_mean = f"did you mean {close[0]!r}? " if close else ""
-    raise UnknownStage(
-        f"unknown stage type {type_name!r}; {did_you_mean}known: {', '.join(known)} "
-        "(or give a custom class as 'module:Class', or install a package that registers it under "
-        "the 'synthpref.judges' or 'synthpref.stages' entry-point group)"
-    )
-
-
-def _dist(ep: importlib.metadata.EntryPoint) -> str:
-    dist = getattr(ep, "dist", None)
-    return f", package {dist.name} {dist.version}" if dist is not None else ""
-
-
-def _checked(obj: object, where: str) -> type[Stage]:
+def _checked(obj: object, where: str, name: str = "") -> type[Stage]:
     if not (isinstance(obj, type) and issubclass(obj, Stage)):
         what = f"the class {obj.__name__}" if isinstance(obj, type) else f"a {type(obj).__name__}"
         raise UnknownStage(
@@ -120,3 +41,42 @@ def _checked(obj: object, where: str) -> type[Stage]:
     if not isinstance(getattr(obj, "type_name", None), str):
         obj.type_name = f"{obj.__module__}:{obj.__qualname__}"
     return obj
+
+
+def _is_stage_class(value: object) -> bool:
+    return isinstance(value, type) and issubclass(value, Stage) and not inspect.isabstract(value)
+
+
+STAGES: Registry[type[Stage]] = Registry(
+    "stage",
+    ENTRY_POINT_GROUPS,
+    validate=_checked,
+    name_of=lambda cls: cls.type_name,
+    bootstrap=("synthpref.builtin_stages",),
+    error=UnknownStage,
+    noun="stage type",
+    hint=" (or give a custom class as 'module:Class', or install a package that registers it under "
+    "the 'synthpref.judges' or 'synthpref.stages' entry-point group)",
+    import_paths="Stage classes",
+    is_candidate=_is_stage_class,
+)
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: a stage under its ``type_name`` (every shipped stage uses it)."""
+    return STAGES.register(cls)
+
+
+def builtin_stages() -> dict[str, type[Stage]]:
+    """Every built-in (and run-time registered) stage by type name."""
+    return {name: STAGES.get(name) for name in STAGES.builtin_names()}
+
+
+def plugin_stages() -> dict[str, str]:
+    """Entry-point name -> 'module:attr' for every installed plugin stage (nothing is imported)."""
+    return STAGES.declared()
+
+
+def resolve_stage(type_name: str) -> type[Stage]:
+    """The stage class a recipe's ``type:`` names; UnknownStage says why there is none."""
+    return STAGES.get(type_name)
