@@ -21,6 +21,8 @@ import jinja2
 import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
+from synthpref.errors import TemplateError
+
 
 def prompts_dir() -> Path:
     """Shipped templates: inside the installed package, or the repository's ``prompts/``."""
@@ -30,7 +32,7 @@ def prompts_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "prompts"
 
 
-class RecipeFileNotFound(FileNotFoundError):
+class RecipeFileNotFound(TemplateError, FileNotFoundError):
     """A file a recipe names is in none of the places the path rule looks."""
 
     def __init__(self, name: str, tried: list[Path]) -> None:
@@ -39,8 +41,16 @@ class RecipeFileNotFound(FileNotFoundError):
         super().__init__(f"{name!r} not found (looked for {', '.join(map(str, tried))})")
 
 
-class UnsafeTemplate(ValueError):
+class UnsafeTemplate(TemplateError, ValueError):
     """A template or recipe string tried something the sandbox forbids (attribute internals, ...)."""
+
+
+class InvalidTemplate(TemplateError, ValueError):
+    """A template that is not valid Jinja; the message names the template and the line."""
+
+
+class MissingInclude(TemplateError, FileNotFoundError):
+    """A template extends or includes a template that is on none of its search paths."""
 
 
 def find_recipe_file(name: str, base_dir: str | Path | None = None) -> Path:
@@ -132,12 +142,14 @@ def _load_template(name: str, base_dir: str) -> Template:
         sources = _sources(env, path.name, set())
         digest = hashlib.sha256("\0".join(sources).encode()).hexdigest()[:16]
     except jinja2.TemplateNotFound as exc:
-        raise FileNotFoundError(
+        raise MissingInclude(
             f"template {name!r} ({path}) uses {exc.name!r}, which is not in "
             f"{', '.join(env.loader.searchpath)}"
         ) from None
     except jinja2.TemplateSyntaxError as exc:
-        raise ValueError(f"template {name!r} ({path}) line {exc.lineno}: {exc.message}") from None
+        raise InvalidTemplate(
+            f"template {name!r} ({path}) line {exc.lineno}: {exc.message}"
+        ) from None
     return Template(name, digest, compiled)
 
 
@@ -146,3 +158,14 @@ def shipped_templates() -> list[str]:
     return sorted(
         str(p.relative_to(root)) for p in root.rglob("*.jinja") if not p.name.startswith("_")
     )
+
+
+@lru_cache(maxsize=64)
+def inline_template(text: str, name: str = "<inline>") -> Template:
+    """A template written in code (a custom judge's ``prompt``), hashed like a template file so a
+    changed prompt invalidates checkpoints the same way. It cannot include or extend files."""
+    try:
+        compiled = _string_env().from_string(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise InvalidTemplate(f"template {name} line {exc.lineno}: {exc.message}") from None
+    return Template(name, hashlib.sha256(text.encode()).hexdigest()[:16], compiled)

@@ -61,6 +61,27 @@ def test_docs_show_the_tested_example():
     assert toml in blocks
 
 
+def test_readme_shows_the_tested_example():
+    """The README's custom judge is the example plugin, byte for byte, and about 25 lines long."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Custom judges") :]
+    block = re.search(r"```python\n(.*?)\n```", section, re.S).group(1)
+    code = (PLUGIN / "synthpref_example_judges" / "__init__.py").read_text().rstrip()
+    assert block == code
+    assert len(code.splitlines()) <= 32
+
+
+def test_the_example_imports_only_the_plugin_api():
+    """A custom judge needs nothing beyond the documented plugin module (and pydantic)."""
+    import ast
+
+    code = (PLUGIN / "synthpref_example_judges" / "__init__.py").read_text()
+    imported = {
+        node.module for node in ast.walk(ast.parse(code)) if isinstance(node, ast.ImportFrom)
+    }
+    assert imported == {"pydantic", "synthpref.judges"}
+
+
 @pytest.mark.slow
 def test_installed_plugin_runs_from_a_recipe(tmp_path, plugin_site, subprocess_env, embedded_dir):
     recipe = tiny_recipe(tmp_path, prompts=[{"id": "p1", "prompt": "Say hello in French."}])

@@ -108,11 +108,11 @@ def test_max_pairs_caps_comparisons_deterministically():
     texts = ["a", "bb", "ccc", "dddd"]
     stage = PairwiseJudge("pw", PairwiseParams(model="judge", max_pairs=2))
     rec = make_record("r", "q", texts)
-    chosen = [(x.id, y.id) for x, y in stage.pairs_of(rec)]
+    chosen = [(x.id, y.id) for x, y in stage.units(rec)]
     assert len(chosen) == 2
-    assert chosen == [(x.id, y.id) for x, y in stage.pairs_of(rec)]
+    assert chosen == [(x.id, y.id) for x, y in stage.units(rec)]
     full = PairwiseJudge("pw", PairwiseParams(model="judge"))
-    assert len(full.pairs_of(rec)) == 6
+    assert len(full.units(rec)) == 6
 
 
 # length rule ----------------------------------------------------------------------------------

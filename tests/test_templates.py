@@ -113,10 +113,10 @@ def test_judge_templates_are_found_beside_the_recipe(tmp_path: Path, elsewhere: 
     ]
     loaded = load_recipe(write_recipe(elsewhere, recipe))
     rubric, absolute, pairwise, writer, answer = loaded.stages[1:6]
-    assert rubric.template("helpfulness").render() == "MINE-rubric"
-    assert rubric.template("honesty").render() == "MINE-honesty-shadow"
+    assert rubric.templates()["helpfulness"].render() == "MINE-rubric"
+    assert rubric.templates()["honesty"].render() == "MINE-honesty-shadow"
     shipped = load_template("rubric/truthfulness.jinja")
-    assert rubric.template("truthfulness").hash == shipped.hash
+    assert rubric.templates()["truthfulness"].hash == shipped.hash
     assert absolute.template.render() == "MINE-absolute"
     assert pairwise.template.render() == "MINE-pairwise"
     assert writer.template.render() == "MINE-write"
@@ -134,8 +134,8 @@ def test_absolute_template_paths_and_dict_recipes(tmp_path: Path, elsewhere: Pat
     recipe["stages"][1]["aspects"] = ["helpfulness", "honesty"]
     loaded = parse_recipe(recipe)  # a mapping: relative to the working directory
     rating = loaded.stages[1]
-    assert rating.template("helpfulness").render() == "MINE-absolute-path"
-    assert rating.template("honesty").render() == "MINE-cwd"
+    assert rating.templates()["helpfulness"].render() == "MINE-absolute-path"
+    assert rating.templates()["honesty"].render() == "MINE-cwd"
 
 
 def test_missing_template_names_the_yaml_path_and_where_it_looked(tmp_path: Path, elsewhere):

@@ -25,18 +25,23 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from synthpref.backends.client import ModelClient
 from synthpref.backends.types import Completion
+from synthpref.errors import TemplateError
+from synthpref.judges.asking import Answer as JudgeAnswer
+from synthpref.judges.asking import ask_until_parsed, judge_request
 from synthpref.judges.base import (
+    Ask,
+    Form,
+    Judge,
     JudgeParams,
     JudgeStage,
-    ask_until_parsed,
+    Skip,
+    Unit,
+    Verdict,
     instruction,
-    judge_request,
 )
 from synthpref.judges.parsing import ParseError, json_object
-from synthpref.records import Judgment, Record
-from synthpref.stages.base import Stage
+from synthpref.records import Record
 from synthpref.stages.registry import register_stage
 from synthpref.templates import Template, load_template
 
@@ -73,7 +78,7 @@ class ChecklistWriterParams(JudgeParams):
 
 
 @register_stage
-class ChecklistWriter(Stage):
+class ChecklistWriter(JudgeStage):
     """Writes 2-8 YES/NO questions per instruction into record.annotations['checklist'] (TICK)."""
 
     type_name = "checklist_writer"
@@ -85,17 +90,10 @@ class ChecklistWriter(Stage):
     def template(self) -> Template:
         return load_template(self.params.template or "checklist/write.jinja", self.base_dir)
 
-    def models_used(self) -> list[str]:
-        return [self.params.model]
-
-    def client(self) -> ModelClient:
-        assert self.ctx is not None, "stage used before the executor attached its context"
-        return self.ctx.model(self.params.model)
-
     def check(self, previous) -> list[str]:
         try:
             self.template  # noqa: B018 - loads and validates the path
-        except (FileNotFoundError, ValueError) as exc:
+        except TemplateError as exc:
             return [f"template: {exc}"]
         return []
 
@@ -261,146 +259,86 @@ class ChecklistJudgeParams(JudgeParams):
 
 
 @dataclass(frozen=True)
-class Answer:
+class YesNo:
     yes: bool
     p_yes: float | None
 
 
+_ANSWER_SCHEMA = {
+    "title": "answer",
+    "type": "object",
+    "properties": {"answer": {"type": "string", "enum": ["YES", "NO"]}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
+
+
 @register_stage
-class ChecklistJudge(JudgeStage):
+class ChecklistJudge(Judge):
     """Answers each checklist question YES/NO per candidate; score = pass rate (TICK)."""
 
     type_name = "checklist_judge"
     Params = ChecklistJudgeParams
     params: ChecklistJudgeParams
     score_range = (0.0, 1.0)
-
-    @property
-    def template(self) -> Template:
-        return load_template(self.params.template or "checklist/answer.jinja", self.base_dir)
+    default_template = "checklist/answer.jinja"
+    reply_prefix = "Answer:"
 
     def check(self, previous) -> list[str]:
-        problems = []
-        try:
-            self.template  # noqa: B018
-        except (FileNotFoundError, ValueError) as exc:
-            problems.append(f"template: {exc}")
+        problems = super().check(previous)
         if not any(isinstance(s, ChecklistWriter) for s in previous):
             problems.append(
                 "a checklist judge needs checklists: put a checklist_writer stage before it"
             )
-        if not any(s.kind == "generator" for s in previous):
-            problems.append("a judge needs candidates: put a generate stage before it")
         return problems
 
-    def fingerprint(self) -> dict:
-        return {"template": self.template.hash}
+    def json_schema(self) -> dict[str, Any]:
+        return _ANSWER_SCHEMA
 
-    async def process(self, records: list[Record]) -> list[Record]:
-        client = self.client()
-        json_output = self.params.structured == "auto" and client.supports("json_schema")
-        prefill = "Answer:" if not json_output and client.supports("prefill") else ""
-        soft = client.supports("top_logprobs")
-        schema = {
-            "title": "answer",
-            "type": "object",
-            "properties": {"answer": {"type": "string", "enum": ["YES", "NO"]}},
-            "required": ["answer"],
-            "additionalProperties": False,
-        }
-        units, requests = [], []
-        for record in records:
-            checklist = record.annotations.get(ANNOTATION) or {}
-            questions = checklist.get("questions") or []
-            if not questions:
-                why = checklist.get("error") or "no checklist_writer output"
-                for cand in record.candidates:
-                    self._no_checklist(record, cand.id, why)
-                continue
-            asked = instruction(record)
-            for cand in record.candidates:
-                for k, question in enumerate(questions):
-                    text = self.template.render(
-                        instruction=asked,
-                        response=cand.text,
-                        question=question,
-                        json_output=json_output,
-                    )
-                    requests.append(
-                        judge_request(
-                            text,
-                            prefill,
-                            top_logprobs=20 if soft else 0,
-                            json_schema=schema if json_output else None,
-                        )
-                    )
-                    units.append((record, cand.id, k, question))
-        answers = await ask_until_parsed(client, requests, _parse, self.params, prefix=prefill)
-        grouped: dict[tuple[str, str], list] = {}
-        by_id = {}
-        for (record, cand_id, _k, question), ans in zip(units, answers, strict=True):
-            grouped.setdefault((record.id, cand_id), []).append((question, ans))
-            by_id[record.id] = record
-        for (record_id, cand_id), items in grouped.items():
-            record = by_id[record_id]
-            by_id[record_id].judgments.append(self._judgment(record, cand_id, items))
-        return records
+    def wants_logprobs(self) -> bool:
+        return True
 
-    def _no_checklist(self, record: Record, cand_id: str, why: str) -> None:
-        self.counters["judgments"] += 1
-        self.counters["failed"] += 1
-        self.counters["no_checklist"] += 1
-        record.judgments.append(
-            Judgment(
-                judge=self.name,
-                candidate_ids=[cand_id],
-                status="failed",
-                error=f"the prompt has no checklist ({why})",
-                attempts=0,
-                template_hash=self.template.hash,
-                model=self.params.model,
-            )
-        )
+    def context(self, record: Record) -> dict[str, Any]:
+        checklist = record.annotations.get(ANNOTATION) or {}
+        questions = checklist.get("questions") or []
+        if not questions:
+            why = checklist.get("error") or "no checklist_writer output"
+            raise Skip(f"the prompt has no checklist ({why})", counter="no_checklist")
+        return {"questions": questions}
 
-    def _judgment(self, record: Record, cand_id: str, items) -> Judgment:
-        self.counters["judgments"] += 1
-        self.counters["questions"] += len(items)
-        self.counters["retries"] += sum(ans.attempts - 1 for _, ans in items)
-        failed = [q for q, ans in items if not ans.ok]
+    def asks(self, unit: Unit, form: Form) -> list[Ask]:
+        return [Ask(self.render(unit, form, question=q), q) for q in unit.context["questions"]]
+
+    def parse(self, reply: str, completion: Completion) -> YesNo:
+        return YesNo(parse_yes_no(reply), p_yes(completion.top_logprobs))
+
+    def verdict(self, unit: Unit, answers: list[JudgeAnswer[YesNo]]) -> Verdict:
+        self.counters["questions"] += len(answers)
+        failed = [a for a in answers if not a.ok]
         self.counters["failed_answers"] += len(failed)
-        answered = [ans.value for _, ans in items if ans.ok]
+        answered = [a.value for a in answers if a.ok]
         pass_rate = sum(a.yes for a in answered) / len(answered) if answered else None
         soft = [a.p_yes for a in answered if a.p_yes is not None]
-        p_yes_mean = sum(soft) / len(soft) if soft and len(soft) == len(items) else None
+        p_yes_mean = sum(soft) / len(soft) if soft and len(soft) == len(answers) else None
         score = p_yes_mean if self.params.score == "p_yes" and p_yes_mean is not None else pass_rate
-        if failed:
-            self.counters["failed"] += 1
-        questions = [q for q, _ in items]
-        checklist_hash = hashlib.sha256("\n".join(questions).encode()).hexdigest()[:16]
-        return Judgment(
-            judge=self.name,
-            candidate_ids=[cand_id],
+        questions = [a.label for a in answers]
+        return Verdict(
             score=None if failed else score,
             scores={"pass_rate": pass_rate, "p_yes_mean": p_yes_mean},
-            status="failed" if failed else "ok",
-            error="; ".join(f"{q!r}: {ans.error}" for q, ans in items if not ans.ok) or None,
-            raw="\n".join(f"[Q{k + 1}] {ans.raw}" for k, (_, ans) in enumerate(items)),
-            template_hash=self.template.hash,
-            model=self.params.model,
-            sampling=items[0][1].sampling or {},
-            attempts=max(ans.attempts for _, ans in items),
             details={
-                "checklist_hash": checklist_hash,
-                "checklist_writer": (record.annotations.get(ANNOTATION) or {}).get("writer"),
+                "checklist_hash": hashlib.sha256("\n".join(questions).encode()).hexdigest()[:16],
+                "checklist_writer": (unit.record.annotations.get(ANNOTATION) or {}).get("writer"),
                 "answers": [
                     {
-                        "question": q,
-                        "answer": ("YES" if ans.value.yes else "NO") if ans.ok else None,
-                        "p_yes": ans.value.p_yes if ans.ok else None,
+                        "question": a.label,
+                        "answer": ("YES" if a.value.yes else "NO") if a.ok else None,
+                        "p_yes": a.value.p_yes if a.ok else None,
                     }
-                    for q, ans in items
+                    for a in answers
                 ],
             },
+            error="; ".join(f"{a.label!r}: {a.error}" for a in failed) or None,
+            raw="\n".join(f"[Q{k + 1}] {a.raw}" for k, a in enumerate(answers)),
         )
 
 
@@ -457,7 +395,3 @@ def _yes_or_no(token: str) -> str | None:
     if "no".startswith(t):
         return "no"
     return None
-
-
-def _parse(raw: str, completion: Completion) -> Answer:
-    return Answer(parse_yes_no(raw), p_yes(completion.top_logprobs))

@@ -26,31 +26,20 @@ often), ``verdicts``, ``failed_verdicts``, ``retries``, ``failed`` judgments and
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from synthpref.backends.types import Completion, GenerationRequest
-from synthpref.judges.base import (
-    Answer,
-    JudgeParams,
-    JudgeStage,
-    ask_until_parsed,
-    instruction,
-    judge_request,
-)
+from synthpref.backends.types import Completion
+from synthpref.judges.base import ORDERS, Answer, Judge, JudgeParams, Unit, Verdict
 from synthpref.judges.parsing import ParseError, clip, json_object
 from synthpref.metrics import sign
-from synthpref.records import Candidate, Judgment, Record
+from synthpref.records import Candidate
 from synthpref.stages.registry import register_stage
-from synthpref.templates import Template, load_template
 
 FIVE_LEVELS: dict[str, float] = {"A++": 1.0, "A+": 0.5, "A=B": 0.0, "B+": -0.5, "B++": -1.0}
-ORDERS = ("ab", "ba")
 
 
 class TwoOrderParams(JudgeParams):
@@ -97,40 +86,29 @@ class PairwiseParams(TwoOrderParams):
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Choice:
+    """One reply's verdict label (e.g. "A+") and the reasoning given for it."""
+
     label: str
     rationale: str
 
 
-@dataclass
-class _Unit:
-    record: Record
-    first: Candidate
-    second: Candidate
-    order: str
-    sample: int
-
-
-class TwoOrderJudge(JudgeStage):
+class TwoOrderJudge(Judge):
     """Base of judges that compare two responses in both orders and calibrate by averaging.
 
-    Subclasses define the verdict labels and their values, the prompt, and the parser.
-    """
+    Subclasses define the verdict labels and their values, the prompt variables, and the parser."""
 
+    unit = "pair"
     params: TwoOrderParams
     verdict_values: ClassVar[dict[str, float]] = FIVE_LEVELS
     verdict_prefix: ClassVar[str] = "Verdict:"
     reason_key: ClassVar[str] = "reasoning"
-    default_template: ClassVar[str] = ""
-    score_range: ClassVar[tuple[float, float]] = (-1.0, 1.0)
 
-    # subclass hooks ---------------------------------------------------------------------------
+    def prefix(self) -> str:
+        return self.verdict_prefix if self.params.reasoning == "after" else ""
 
-    def render(self, record: Record, response_a: str, response_b: str, json_output: bool) -> str:
-        raise NotImplementedError
-
-    def parse(self, raw: str, completion: Completion) -> Verdict:
-        raise NotImplementedError
+    def variables(self, unit: Unit) -> dict[str, Any]:
+        return {"reasoning": self.params.reasoning}
 
     def json_schema(self) -> dict[str, Any]:
         verdict = {"type": "string", "enum": list(self.verdict_values)}
@@ -152,90 +130,13 @@ class TwoOrderJudge(JudgeStage):
         """The verdict after any rule that depends on the responses (none by default)."""
         return label
 
-    # shared machinery -------------------------------------------------------------------------
-
-    @property
-    def template(self) -> Template:
-        return load_template(self.params.template or self.default_template, self.base_dir)
-
-    def check(self, previous) -> list[str]:
-        problems = []
-        try:
-            self.template  # noqa: B018 - loads and validates the path
-        except (FileNotFoundError, ValueError) as exc:
-            problems.append(f"template: {exc}")
-        if self.params.samples > 1 and self.params.temperature == 0:
-            problems.append(
-                f"samples: {self.params.samples} with temperature: 0 draws the same verdict "
-                f"{self.params.samples} times; set temperature > 0 (e.g. 0.7) or samples: 1"
-            )
-        if not any(s.kind == "generator" for s in previous):
-            problems.append("a judge needs candidates: put a generate stage before it")
-        return problems
-
-    def fingerprint(self) -> dict:
-        return {"template": self.template.hash}
-
-    def pairs_of(self, record: Record) -> list[tuple[Candidate, Candidate]]:
-        pairs = list(itertools.combinations(record.candidates, 2))
-        cap = self.params.max_pairs
-        if cap is not None and len(pairs) > cap:
-
-            def key(p: tuple[Candidate, Candidate]) -> str:
-                blob = f"{self.params.seed}|{record.id}|{p[0].id}|{p[1].id}"
-                return hashlib.sha256(blob.encode()).hexdigest()
-
-            chosen = set(map(id, sorted(pairs, key=key)[:cap]))
-            pairs = [p for p in pairs if id(p) in chosen]
-        return pairs
-
-    async def process(self, records: list[Record]) -> list[Record]:
-        client = self.client()
-        json_output = self.params.structured == "auto" and client.supports("json_schema")
-        prefill = (
-            self.verdict_prefix
-            if self.params.reasoning == "after" and not json_output and client.supports("prefill")
-            else None
-        )
-        units: list[_Unit] = []
-        requests: list[GenerationRequest] = []
-        for record in records:
-            for x, y in self.pairs_of(record):
-                for order in ORDERS:
-                    a, b = (x, y) if order == "ab" else (y, x)
-                    text = self.render(record, a.text, b.text, json_output)
-                    request = judge_request(
-                        text, prefill, json_schema=self.json_schema() if json_output else None
-                    )
-                    for s in range(self.params.samples):
-                        units.append(_Unit(record, x, y, order, s))
-                        requests.append(request)
-        answers = await ask_until_parsed(
-            client,
-            requests,
-            self.parse,
-            self.params,
-            prefix=prefill or "",
-            samples=[u.sample for u in units],
-        )
-        grouped: dict[tuple[str, str, str], list[tuple[_Unit, Answer[Verdict]]]] = {}
-        for unit, answer in zip(units, answers, strict=True):
-            key = (unit.record.id, unit.first.id, unit.second.id)
-            grouped.setdefault(key, []).append((unit, answer))
-        for items in grouped.values():
-            unit = items[0][0]
-            unit.record.judgments.append(self._judgment(unit.first, unit.second, items))
-        return records
-
-    def _judgment(
-        self, x: Candidate, y: Candidate, items: list[tuple[_Unit, Answer[Verdict]]]
-    ) -> Judgment:
+    def verdict(self, unit: Unit, answers: list[Answer[Choice]]) -> Verdict:
+        x, y = unit.candidates
         per: dict[str, dict[str, Any]] = {}
         flips = 0
         for order in ORDERS:
             a, b = (x, y) if order == "ab" else (y, x)
-            answers = [ans for u, ans in items if u.order == order]
-            written = [ans.value.label if ans.ok else None for ans in answers]
+            written = [ans.value.label if ans.ok else None for ans in answers if ans.label == order]
             calibrated = [self.length_rule(v, a, b) if v else None for v in written]
             flips += sum(1 for w, c in zip(written, calibrated, strict=True) if w != c)
             for v in calibrated:
@@ -253,59 +154,45 @@ class TwoOrderJudge(JudgeStage):
                 "calibrated": calibrated,
                 "preference": sum(prefs) / len(prefs) if prefs else None,
             }
-        n_verdicts = len(items)
-        n_failed = sum(1 for _, ans in items if not ans.ok)
-        self.counters["judgments"] += 1
-        self.counters["verdicts"] += n_verdicts
+        n_failed = sum(1 for ans in answers if not ans.ok)
+        self.counters["verdicts"] += len(answers)
         self.counters["failed_verdicts"] += n_failed
-        self.counters["retries"] += sum(ans.attempts - 1 for _, ans in items)
         self.counters["length_rule_flips"] += flips
         ab, ba = per["ab"]["preference"], per["ba"]["preference"]
-        failed = ab is None or ba is None
         details: dict[str, Any] = {
             "orders": per,
             "samples": self.params.samples,
             "length_rule": {
                 "chars": getattr(self.params, "length_rule_chars", None),
                 "flips": flips,
-                "of": n_verdicts - n_failed,
+                "of": len(answers) - n_failed,
             },
         }
-        score = None
-        if failed:
-            self.counters["failed"] += 1
+        score = error = None
+        if ab is None or ba is None:
+            errors = [f"{ans.label}: {ans.error}" for ans in answers if not ans.ok]
+            error = (
+                "no parseable verdict in "
+                + " and ".join(o for o in ORDERS if per[o]["preference"] is None)
+                + " order; "
+                + "; ".join(errors)
+            )
         else:
             score = (ab + ba) / 2
             agree = sign(ab) == sign(ba)
             details["agree"] = agree
             details["position_bias"] = (ab - ba) / 2
             self.counters["consistent" if agree else "inconsistent"] += 1
-        raws = [
-            f"[{u.order}{f' #{u.sample}' if self.params.samples > 1 else ''}] {ans.raw}"
-            for u, ans in items
-        ]
-        errors = [f"{u.order}: {ans.error}" for u, ans in items if not ans.ok]
-        return Judgment(
-            judge=self.name,
-            candidate_ids=[x.id, y.id],
+        many = self.params.samples > 1
+        return Verdict(
             score=score,
             scores={"ab": ab, "ba": ba},
-            status="failed" if failed else "ok",
-            error=(
-                "no parseable verdict in "
-                + " and ".join(o for o in ORDERS if per[o]["preference"] is None)
-                + " order; "
-                + "; ".join(errors)
-            )
-            if failed
-            else None,
-            raw="\n\n".join(raws),
-            rationale=" | ".join(ans.value.rationale for _, ans in items if ans.ok)[:2000],
-            template_hash=self.template.hash,
-            model=self.params.model,
-            sampling=items[0][1].sampling or {},
-            attempts=max(ans.attempts for _, ans in items),
+            rationale=" | ".join(ans.value.rationale for ans in answers if ans.ok)[:2000],
             details=details,
+            error=error,
+            raw="\n\n".join(
+                f"[{ans.label}{f' #{ans.sample}' if many else ''}] {ans.raw}" for ans in answers
+            ),
         )
 
 
@@ -318,18 +205,11 @@ class PairwiseJudge(TwoOrderJudge):
     params: PairwiseParams
     default_template = "pairwise/verdict.jinja"
 
-    def render(self, record: Record, response_a: str, response_b: str, json_output: bool) -> str:
-        return self.template.render(
-            instruction=instruction(record),
-            response_a=response_a,
-            response_b=response_b,
-            criteria=self.params.criteria,
-            reasoning=self.params.reasoning,
-            json_output=json_output,
-        )
+    def variables(self, unit: Unit) -> dict[str, Any]:
+        return {"criteria": self.params.criteria, "reasoning": self.params.reasoning}
 
-    def parse(self, raw: str, completion: Completion) -> Verdict:
-        return parse_five_level(raw)
+    def parse(self, reply: str, completion: Completion) -> Choice:
+        return parse_five_level(reply)
 
     def length_rule(self, label: str, a: Candidate, b: Candidate) -> str:
         return apply_length_rule(label, len(a.text), len(b.text), self.params.length_rule_chars)
@@ -379,7 +259,7 @@ def _normalise(token: str) -> str | None:
     return _SYMBOLS.get(key)
 
 
-def parse_five_level(text: str) -> Verdict:
+def parse_five_level(text: str) -> Choice:
     """A five-level verdict from free text or JSON, or ParseError. Never guesses a strength.
 
     Accepted: ``A++ A+ A=B B+ B++`` (spaces allowed, ``B=A`` and ``tie`` are ties), Arena-Hard's
@@ -396,8 +276,8 @@ def parse_five_level(text: str) -> Verdict:
                 if label is None:
                     raise ParseError(f"{key} {value!r} is not one of A++, A+, A=B, B+, B++")
                 reason = obj.get("reasoning") or obj.get("reason") or obj.get("rationale") or ""
-                return Verdict(label, str(reason))
-    return Verdict(_find_label(text, _TOKEN, _normalise, "A++, A+, A=B, B+, B++"), _reason(text))
+                return Choice(label, str(reason))
+    return Choice(_find_label(text, _TOKEN, _normalise, "A++, A+, A=B, B+, B++"), _reason(text))
 
 
 def _find_label(text: str, token_re: re.Pattern, normalise, expected: str) -> str:

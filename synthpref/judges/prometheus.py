@@ -31,19 +31,12 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from synthpref.backends.types import Completion
-from synthpref.judges.base import (
-    JudgeParams,
-    JudgeStage,
-    ask_until_parsed,
-    instruction,
-    judge_request,
-)
-from synthpref.judges.pairwise import TwoOrderJudge, TwoOrderParams, Verdict
+from synthpref.judges.base import Answer, Judge, JudgeParams, Skip, Unit, Verdict
+from synthpref.judges.pairwise import Choice, TwoOrderJudge, TwoOrderParams
 from synthpref.judges.parsing import ParseError, expected_rating, json_object
-from synthpref.records import Judgment, Record
+from synthpref.records import Record
 from synthpref.stages.base import StageParams
 from synthpref.stages.registry import register_stage
-from synthpref.templates import Template, load_template
 
 
 class ScoreRubric(StageParams):
@@ -103,27 +96,26 @@ class RelativeParams(TwoOrderParams, _ReferenceParams):
     pass
 
 
-def _reference(stage, record: Record) -> tuple[str | None, str | None]:
-    """(reference text, error) for a record under the stage's reference settings."""
-    field = stage.params.reference_field
-    if field is None:
-        return None, None
-    value = record.metadata.get(field)
-    if isinstance(value, str) and value.strip():
-        return value, None
-    stage.counters["missing_reference"] += 1
-    if stage.params.missing_reference == "fail":
-        return None, f"record has no reference answer in field {field!r}"
-    return None, None
+class _Graded:
+    """What absolute and relative grading share: the rubric and the reference answer as template
+    variables, and the record-level reference check."""
 
+    params: AbsoluteParams | RelativeParams
 
-def _template_check(stage) -> list[str]:
-    problems = []
-    try:
-        stage.template  # noqa: B018 - loads and validates the path
-    except (FileNotFoundError, ValueError) as exc:
-        problems.append(f"template: {exc}")
-    return problems
+    def context(self, record: Record) -> dict[str, Any]:
+        field = self.params.reference_field
+        if field is None:
+            return {"reference": None}
+        value = record.metadata.get(field)
+        if isinstance(value, str) and value.strip():
+            return {"reference": value}
+        self.counters["missing_reference"] += 1
+        if self.params.missing_reference == "fail":
+            raise Skip(f"record has no reference answer in field {field!r}")
+        return {"reference": None}
+
+    def variables(self, unit: Unit) -> dict[str, Any]:
+        return {"rubric": self.params.rubric.model_dump(), "reasoning": self.params.reasoning}
 
 
 # absolute ---------------------------------------------------------------------------------------
@@ -138,36 +130,33 @@ class Grade:
 
 
 @register_stage
-class AbsoluteJudge(JudgeStage):
+class AbsoluteJudge(_Graded, Judge):
     """Grades each candidate against the recipe's rubric (Prometheus absolute grading)."""
 
     type_name = "absolute_judge"
     Params = AbsoluteParams
     params: AbsoluteParams
-    result_prefix: ClassVar[str] = "Score:"
+    default_template = "prometheus/absolute.jinja"
 
     @property
     def score_range(self) -> tuple[float, float]:
         keys = list(self.params.rubric.scores or {1: "", 5: ""})
         return float(min(keys)), float(max(keys))
 
-    @property
-    def template(self) -> Template:
-        return load_template(self.params.template or "prometheus/absolute.jinja", self.base_dir)
-
     def check(self, previous) -> list[str]:
-        problems = _template_check(self)
+        problems = super().check(previous)
         if not self.params.rubric.scores:
             problems.append(
                 "rubric.scores: absolute grading needs a description of every score, e.g. "
                 "{1: ..., 2: ..., 3: ..., 4: ..., 5: ...}"
             )
-        if not any(s.kind == "generator" for s in previous):
-            problems.append("a judge needs candidates: put a generate stage before it")
         return problems
 
-    def fingerprint(self) -> dict:
-        return {"template": self.template.hash}
+    def prefix(self) -> str:
+        return "Score:" if self.params.reasoning == "after" else ""
+
+    def wants_logprobs(self) -> bool:
+        return self.params.score == "expected" and self.params.reasoning == "after"
 
     def json_schema(self) -> dict[str, Any]:
         low, high = (int(v) for v in self.score_range)
@@ -186,88 +175,26 @@ class AbsoluteJudge(JudgeStage):
             "additionalProperties": False,
         }
 
-    async def process(self, records: list[Record]) -> list[Record]:
-        client = self.client()
-        json_output = self.params.structured == "auto" and client.supports("json_schema")
-        first = self.params.reasoning == "after"
-        prefill = (
-            self.result_prefix if first and not json_output and client.supports("prefill") else None
-        )
-        weighted = self.params.score == "expected" and first and client.supports("top_logprobs")
+    def parse(self, reply: str, completion: Completion) -> Grade:
         low, high = (int(v) for v in self.score_range)
-        units, requests, failed = [], [], []
-        for record in records:
-            reference, error = _reference(self, record)
-            for cand in record.candidates:
-                if error:
-                    failed.append((record, cand.id, error))
-                    continue
-                text = self.template.render(
-                    instruction=instruction(record),
-                    response=cand.text,
-                    reference=reference,
-                    rubric=self.params.rubric.model_dump(),
-                    reasoning=self.params.reasoning,
-                    json_output=json_output,
-                )
-                requests.append(
-                    judge_request(
-                        text,
-                        prefill,
-                        top_logprobs=20 if weighted else 0,
-                        json_schema=self.json_schema() if json_output else None,
-                    )
-                )
-                units.append((record, cand.id, reference is not None))
+        rating, feedback = parse_result_score(
+            reply, low, high, leading=self.params.reasoning == "after"
+        )
+        dist = expected_rating(completion.top_logprobs, low, high)
+        if dist is None:
+            return Grade(rating, rating, feedback, None)
+        return Grade(rating, dist[0], feedback, dist[1])
 
-        def parse(raw: str, completion: Completion) -> Grade:
-            rating, feedback = parse_result_score(raw, low, high, leading=first)
-            dist = expected_rating(completion.top_logprobs, low, high) if weighted else None
-            if dist is None:
-                return Grade(rating, rating, feedback, None)
-            return Grade(rating, dist[0], feedback, dist[1])
-
-        answers = await ask_until_parsed(client, requests, parse, self.params, prefix=prefill or "")
-        for (record, cand_id, with_ref), ans in zip(units, answers, strict=True):
-            self.counters["judgments"] += 1
-            self.counters["retries"] += ans.attempts - 1
-            if not ans.ok:
-                self.counters["failed"] += 1
-            record.judgments.append(
-                Judgment(
-                    judge=self.name,
-                    candidate_ids=[cand_id],
-                    score=ans.value.score if ans.ok else None,
-                    scores={"rating": ans.value.rating} if ans.ok else {},
-                    status="ok" if ans.ok else "failed",
-                    error=ans.error,
-                    raw=ans.raw,
-                    rationale=ans.value.feedback if ans.ok else "",
-                    template_hash=self.template.hash,
-                    model=self.params.model,
-                    sampling=ans.sampling or {},
-                    attempts=ans.attempts,
-                    details={
-                        "reference": with_ref,
-                        "distribution": ans.value.distribution if ans.ok else None,
-                    },
-                )
-            )
-        for record, cand_id, error in failed:
-            self.counters["judgments"] += 1
-            self.counters["failed"] += 1
-            record.judgments.append(
-                Judgment(
-                    judge=self.name,
-                    candidate_ids=[cand_id],
-                    status="failed",
-                    error=error,
-                    attempts=0,
-                    template_hash=self.template.hash,
-                    model=self.params.model,
-                )
-            )
-        return records
+    def verdict(self, unit: Unit, answers: list[Answer[Grade]]) -> Verdict:
+        (ans,) = answers
+        details = {
+            "reference": unit.context["reference"] is not None,
+            "distribution": ans.value.distribution if ans.ok else None,
+        }
+        if not ans.ok:
+            return Verdict(None, details=details)
+        grade = ans.value
+        return Verdict(grade.score, {"rating": grade.rating}, grade.feedback, details)
 
 
 _RESULT = re.compile(r"\[\s*RESULT\s*\]\s*[:=\-]?\s*[\[(*]*\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
@@ -329,7 +256,7 @@ def _feedback(text: str, m: re.Match) -> str:
 
 
 @register_stage
-class RelativeJudge(TwoOrderJudge):
+class RelativeJudge(_Graded, TwoOrderJudge):
     """Compares pairs of candidates on the recipe's rubric in both orders (Prometheus relative)."""
 
     type_name = "relative_judge"
@@ -340,46 +267,8 @@ class RelativeJudge(TwoOrderJudge):
     reason_key: ClassVar[str] = "feedback"
     default_template = "prometheus/relative.jinja"
 
-    async def process(self, records: list[Record]) -> list[Record]:
-        self._refs: dict[str, str | None] = {}
-        keep = []
-        for record in records:
-            reference, error = _reference(self, record)
-            self._refs[record.id] = reference
-            if error:
-                for x, y in self.pairs_of(record):
-                    self.counters["judgments"] += 1
-                    self.counters["failed"] += 1
-                    record.judgments.append(
-                        Judgment(
-                            judge=self.name,
-                            candidate_ids=[x.id, y.id],
-                            status="failed",
-                            error=error,
-                            attempts=0,
-                            template_hash=self.template.hash,
-                            model=self.params.model,
-                        )
-                    )
-            else:
-                keep.append(record)
-        await super().process(keep)
-        return records
-
-    def render(self, record: Record, response_a: str, response_b: str, json_output: bool) -> str:
-        reference = self._refs.get(record.id)
-        return self.template.render(
-            instruction=instruction(record),
-            response_a=response_a,
-            response_b=response_b,
-            reference=reference,
-            rubric=self.params.rubric.model_dump(),
-            reasoning=self.params.reasoning,
-            json_output=json_output,
-        )
-
-    def parse(self, raw: str, completion: Completion) -> Verdict:
-        return parse_ab(raw)
+    def parse(self, reply: str, completion: Completion) -> Choice:
+        return parse_ab(reply)
 
 
 _AB_RESULT = re.compile(r"\[\s*RESULT\s*\]\s*[:=\-]?\s*[\[(*\"']*\s*(?:response\s+)?([AB])\b", re.I)
@@ -390,7 +279,7 @@ _AB_LABEL = re.compile(
 )
 
 
-def parse_ab(text: str) -> Verdict:
+def parse_ab(text: str) -> Choice:
     """A or B from ``[RESULT] A``, JSON ``{"verdict": "A"}`` or a labelled ``Verdict: B``; else
     ParseError. Prose such as "Response A is better" is not read: it is too easy to misread."""
     obj = json_object(text)
@@ -400,7 +289,7 @@ def parse_ab(text: str) -> Verdict:
             if isinstance(value, str):
                 label = value.strip().upper().removeprefix("RESPONSE").strip()
                 if label in ("A", "B"):
-                    return Verdict(label, str(obj.get("feedback") or obj.get("reasoning") or ""))
+                    return Choice(label, str(obj.get("feedback") or obj.get("reasoning") or ""))
                 raise ParseError(f"{key} {value!r} is neither A nor B")
     for pattern in (_AB_RESULT, _AB_LABEL):
         matches = list(pattern.finditer(text))
@@ -411,5 +300,5 @@ def parse_ab(text: str) -> Verdict:
             m = matches[0]
             if re.match(r"\s*(?:or|/|,)\s*(?:response\s+)?[AB]\b", text[m.end() :], re.I):
                 raise ParseError(f"the result line names both A and B: {text[:160]!r}")
-            return Verdict(m.group(1).upper(), _feedback(text, m))
+            return Choice(m.group(1).upper(), _feedback(text, m))
     raise ParseError(f"no '[RESULT] A' or '[RESULT] B' found in {text[:160]!r}")

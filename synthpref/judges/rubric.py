@@ -14,17 +14,9 @@ from typing import Literal
 from pydantic import Field
 
 from synthpref.backends.types import Completion
-from synthpref.judges.base import (
-    JudgeParams,
-    JudgeStage,
-    ask_until_parsed,
-    instruction,
-    judge_request,
-)
+from synthpref.judges.base import Answer, Ask, Form, Judge, JudgeParams, Unit, Verdict
 from synthpref.judges.parsing import expected_rating, parse_rating
-from synthpref.records import Judgment, Record
 from synthpref.stages.registry import register_stage
-from synthpref.templates import load_template
 
 ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 
@@ -51,90 +43,6 @@ class RubricParams(JudgeParams):
     )
 
 
-@register_stage
-class RubricJudge(JudgeStage):
-    """Rates each candidate 1-5 per aspect, one call per aspect (UltraFeedback-style)."""
-
-    type_name = "rubric_judge"
-    Params = RubricParams
-    params: RubricParams
-    score_range = (1.0, 5.0)
-
-    def template(self, aspect: str):
-        name = self.params.templates.get(aspect, f"rubric/{aspect}.jinja")
-        return load_template(name, self.base_dir)
-
-    def check(self, previous) -> list[str]:
-        problems = []
-        for aspect in self.params.aspects:
-            try:
-                self.template(aspect)
-            except (FileNotFoundError, ValueError) as exc:
-                where = f"templates.{aspect}" if aspect in self.params.templates else "aspects"
-                problems.append(f"{where}: {exc}")
-        if not any(s.kind == "generator" for s in previous):
-            problems.append("a judge needs candidates: put a generate stage before it")
-        return problems
-
-    def fingerprint(self) -> dict:
-        return {a: self.template(a).hash for a in self.params.aspects}
-
-    async def process(self, records: list[Record]) -> list[Record]:
-        client = self.client()
-        prefill = self.params.prefill if client.supports("prefill") else None
-        weighted = self.params.score == "expected" and client.supports("top_logprobs")
-        units, requests = [], []
-        for record in records:
-            asked = instruction(record)
-            for cand in record.candidates:
-                for aspect in self.params.aspects:
-                    text = self.template(aspect).render(instruction=asked, response=cand.text)
-                    requests.append(
-                        judge_request(text, prefill or "", top_logprobs=20 if weighted else 0)
-                    )
-                    units.append((record, cand, aspect))
-        answers = await ask_until_parsed(
-            client, requests, _parse, self.params, prefix=prefill or ""
-        )
-        grouped: dict[tuple[str, str], list] = {}
-        for (record, cand, aspect), answer in zip(units, answers, strict=True):
-            grouped.setdefault((record.id, cand.id), []).append((aspect, answer))
-        by_id = {r.id: r for r in records}
-        for (record_id, cand_id), items in grouped.items():
-            by_id[record_id].judgments.append(self._judgment(cand_id, items))
-        return records
-
-    def _judgment(self, cand_id: str, items) -> Judgment:
-        scores = {a: (ans.value.score if ans.ok else None) for a, ans in items}
-        failed = [a for a, ans in items if not ans.ok]
-        self.counters["judgments"] += 1
-        self.counters["retries"] += sum(ans.attempts - 1 for _, ans in items)
-        if failed:
-            self.counters["failed"] += 1
-        raw = "\n\n".join(f"[{a}]\n{ans.raw}" for a, ans in items)
-        return Judgment(
-            judge=self.name,
-            candidate_ids=[cand_id],
-            score=None if failed else sum(scores.values()) / len(scores),
-            scores=scores,
-            status="failed" if failed else "ok",
-            error="; ".join(f"{a}: {ans.error}" for a, ans in items if not ans.ok) or None,
-            raw=raw if len(items) > 1 else items[0][1].raw,
-            rationale=" ".join(
-                ans.value.rationale for _, ans in items if ans.ok and ans.value.rationale
-            ),
-            template_hash=",".join(f"{a}={self.template(a).hash}" for a, _ in items),
-            model=self.params.model,
-            sampling=items[0][1].sampling or {},
-            attempts=max(ans.attempts for _, ans in items),
-            details={
-                a: {"rating": ans.value.rating, "distribution": ans.value.distribution}
-                for a, ans in items
-                if ans.ok
-            },
-        )
-
-
 @dataclass(frozen=True)
 class Rating:
     rating: float
@@ -143,10 +51,50 @@ class Rating:
     distribution: dict[int, float] | None
 
 
-def _parse(raw: str, completion: Completion) -> Rating:
-    """The written rating must parse; the score is its probability-weighted version when available."""
-    rating, rationale = parse_rating(raw)
-    weighted = expected_rating(completion.top_logprobs)
-    if weighted is None:
-        return Rating(rating, rating, rationale, None)
-    return Rating(rating, weighted[0], rationale, weighted[1])
+@register_stage
+class RubricJudge(Judge):
+    """Rates each candidate 1-5 per aspect, one call per aspect (UltraFeedback-style)."""
+
+    type_name = "rubric_judge"
+    Params = RubricParams
+    params: RubricParams
+    score_range = (1.0, 5.0)
+
+    def template_sources(self) -> dict[str, tuple[str, str]]:
+        given = self.params.templates
+        return {
+            a: (given.get(a, f"rubric/{a}.jinja"), f"templates.{a}" if a in given else "aspects")
+            for a in self.params.aspects
+        }
+
+    def prefix(self) -> str:
+        return self.params.prefill or ""
+
+    def wants_logprobs(self) -> bool:
+        return self.params.score == "expected"
+
+    def asks(self, unit: Unit, form: Form) -> list[Ask]:
+        templates = self.templates()
+        return [Ask(self.render(unit, form, templates[a]), a) for a in self.params.aspects]
+
+    def parse(self, reply: str, completion: Completion) -> Rating:
+        """The written rating must parse; the score is its probability-weighted version when
+        available."""
+        rating, rationale = parse_rating(reply)
+        weighted = expected_rating(completion.top_logprobs)
+        if weighted is None:
+            return Rating(rating, rating, rationale, None)
+        return Rating(rating, weighted[0], rationale, weighted[1])
+
+    def verdict(self, unit: Unit, answers: list[Answer[Rating]]) -> Verdict:
+        scores = {a.label: (a.value.score if a.ok else None) for a in answers}
+        ok = [a for a in answers if a.ok]
+        return Verdict(
+            score=sum(scores.values()) / len(scores) if len(ok) == len(answers) else None,
+            scores=scores,
+            rationale=" ".join(a.value.rationale for a in ok if a.value.rationale),
+            details={
+                a.label: {"rating": a.value.rating, "distribution": a.value.distribution}
+                for a in ok
+            },
+        )

@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from synthpref.backends.types import GenerationRequest, SamplingParams, ScoreRequest
+from synthpref.errors import TemplateError
 from synthpref.records import Message, Record
 from synthpref.stages.base import Stage, StageParams
 from synthpref.stages.registry import register_stage
@@ -143,7 +144,7 @@ class Route(Stage):
         if self.params.model:
             try:
                 load_template(self.params.template, self.base_dir)
-            except (FileNotFoundError, ValueError) as exc:
+            except TemplateError as exc:
                 problems.append(f"template: {exc}")
         return problems
 
