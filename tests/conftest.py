@@ -67,3 +67,19 @@ from tests.vllm_fixtures import (  # noqa: E402,F401
     vllm_backend,
     vllm_server,
 )
+
+
+@pytest.fixture(scope="session")
+def reward_model_dir(embedded_dir, tmp_path_factory) -> Path:
+    """A one-output reward model built from the embedded weights (see tests/reward_fixtures.py)."""
+    from tests.reward_fixtures import build_reward_model
+
+    return build_reward_model(embedded_dir, tmp_path_factory.mktemp("rm") / "scalar")
+
+
+@pytest.fixture(scope="session")
+def reward_model3_dir(embedded_dir, tmp_path_factory) -> Path:
+    """A three-attribute reward model (helpfulness, correctness, verbosity), ArmoRM-style."""
+    from tests.reward_fixtures import build_reward_model
+
+    return build_reward_model(embedded_dir, tmp_path_factory.mktemp("rm") / "attrs", num_labels=3)

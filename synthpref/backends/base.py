@@ -11,12 +11,20 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import ClassVar, Literal
 
-from synthpref.backends.types import GenerationRequest, GenerationResult, ScoreRequest, ScoreResult
+from synthpref.backends.types import (
+    GenerationRequest,
+    GenerationResult,
+    RewardRequest,
+    RewardResult,
+    ScoreRequest,
+    ScoreResult,
+)
 from synthpref.errors import SynthprefError
 
-Capability = Literal["generate", "score", "top_logprobs", "json_schema", "prefill"]
+Capability = Literal["generate", "score", "reward", "top_logprobs", "json_schema", "prefill"]
 OnGenerated = Callable[[int, GenerationResult], None]
 OnScored = Callable[[int, ScoreResult], None]
+OnRewarded = Callable[[int, RewardResult], None]
 
 
 class BackendError(SynthprefError, RuntimeError):
@@ -81,6 +89,16 @@ class Backend(ABC):
         raise CapabilityError(
             f"{type(self).__name__} cannot score given text (teacher forcing); use the embedded, "
             "transformers, vllm or an OpenAI-compatible completions server (e.g. vllm serve) backend"
+        )
+
+    async def reward(
+        self, requests: Sequence[RewardRequest], on_result: OnRewarded | None = None
+    ) -> list[RewardResult]:
+        """Each conversation scored by a reward model's head (a sequence classifier)."""
+        raise CapabilityError(
+            f"{type(self).__name__} does not run reward models; use a transformers or vllm spec with "
+            "task: reward, or an openai spec with task: reward pointing at a pooling server "
+            "(vllm serve of a reward model)"
         )
 
     def supports(self, capability: Capability) -> bool:

@@ -14,6 +14,8 @@ from synthpref.backends.specs import ModelSpec
 from synthpref.backends.types import (
     GenerationRequest,
     GenerationResult,
+    RewardRequest,
+    RewardResult,
     ScoreRequest,
     ScoreResult,
 )
@@ -75,6 +77,15 @@ class ModelClient:
             prepared.append(r.model_copy(update={"messages": messages, "segment": segment}))
         return await self._cached(
             "score", prepared, self.backend.score, ScoreResult, lambda r: len(r.token_logprobs)
+        )
+
+    async def reward(self, requests: Sequence[RewardRequest]) -> list[RewardResult]:
+        """Reward-model scores of conversations (the spec's system prompt applied as for chat)."""
+        prepared = [
+            r.model_copy(update={"messages": self._with_system(r.messages)}) for r in requests
+        ]
+        return await self._cached(
+            "reward", prepared, self.backend.reward, RewardResult, lambda r: r.tokens
         )
 
     async def _cached(self, kind, requests, call, result_type, count_tokens):

@@ -110,3 +110,41 @@ class ScoreResult(BaseModel):
 def _hash(obj: Any) -> str:
     blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class RewardRequest(BaseModel):
+    """A conversation for a reward model: rendered with the model's own chat template, read whole,
+    and scored by its head. The last message is the assistant reply being judged, in its context.
+
+    ``truncation`` decides what happens when the conversation is longer than the model's context:
+    ``error`` fails the request; ``drop_oldest_turns`` removes whole turns from the start (never a
+    system message, never the last user turn or the reply) and records how many it removed.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    messages: list[Message]
+    truncation: Literal["error", "drop_oldest_turns"] = "error"
+
+    @model_validator(mode="after")
+    def _ends_with_a_reply(self) -> RewardRequest:
+        if not self.messages or self.messages[-1].role != "assistant":
+            raise ValueError("a reward request ends with the assistant reply to score")
+        return self
+
+    def cache_key(self, backend_identity: str) -> str:
+        return _hash({"kind": "reward", "backend": backend_identity, "req": self.model_dump()})
+
+
+class RewardResult(BaseModel):
+    """What a reward model's head said about one conversation: one value per output (``num_labels``;
+    one for a scalar reward model, several for a multi-objective one), unnormalised, in the order
+    of the model's ``id2label``."""
+
+    values: list[float]
+    labels: list[str] = Field(
+        default_factory=list,
+        description="the head's output names (id2label), where the model has them",
+    )
+    tokens: int = Field(0, description="tokens the model read")
+    dropped_turns: int = Field(0, description="oldest turns removed to fit the context")
