@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,22 +136,23 @@ def _log_tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-@pytest.fixture(scope="session")
-def vllm_server(embedded_dir: Path) -> Iterator[VLLMServer]:
-    """A real ``vllm serve`` on a free loopback port, started once and terminated after the session."""
+@contextlib.contextmanager
+def served(model_dir: Path, name: str, *extra_args: str) -> Iterator[VLLMServer]:
+    """``vllm serve`` of ``model_dir`` under the name ``name`` on a free loopback port, with
+    ``extra_args`` (e.g. ``--runner pooling``), until the block ends."""
     require_vllm()
     port = free_port()
     log_path = Path(tempfile.mkdtemp(prefix="synthpref-vllm-")) / "serve.log"
     cmd = [
         *serve_command(),
         "--model",
-        str(embedded_dir),
+        str(model_dir),
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
         "--served-model-name",
-        SERVED_NAME,
+        name,
         "--max-model-len",
         str(MAX_MODEL_LEN),
         "--dtype",
@@ -159,6 +160,7 @@ def vllm_server(embedded_dir: Path) -> Iterator[VLLMServer]:
         "--enforce-eager",
         "--seed",
         "0",
+        *extra_args,
     ]
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + float(os.environ.get("SYNTHPREF_VLLM_STARTUP_TIMEOUT", "600"))
@@ -185,9 +187,31 @@ def vllm_server(embedded_dir: Path) -> Iterator[VLLMServer]:
                     f"vllm serve was not healthy in time; log {log_path}:\n{_log_tail(log_path)}"
                 )
             time.sleep(1)
-        yield VLLMServer(f"{base}/v1", SERVED_NAME, embedded_dir, log_path)
+        yield VLLMServer(f"{base}/v1", name, model_dir, log_path)
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(embedded_dir: Path) -> Iterator[VLLMServer]:
+    """A real ``vllm serve`` on a free loopback port, started once and terminated after the session."""
+    with served(embedded_dir, SERVED_NAME) as server:
+        yield server
+
+
+@pytest.fixture
+def serve_model_dir() -> Iterator[Callable[..., VLLMServer]]:
+    """Serves a given model directory for one test: ``serve_model_dir(path, name, *extra_args)``
+    starts ``vllm serve`` as :func:`vllm_server` does (plus ``extra_args``, e.g. ``"--runner",
+    "pooling"`` for a reward model) and returns the running server; each one it started is stopped
+    when the test ends, so a test module's servers do not all hold memory at once."""
+    require_vllm()
+    with contextlib.ExitStack() as stack:
+
+        def serve(model_dir: Path, name: str, *extra_args: str) -> VLLMServer:
+            return stack.enter_context(served(model_dir, name, *extra_args))
+
+        yield serve
 
 
 def _stop(proc: subprocess.Popen) -> None:

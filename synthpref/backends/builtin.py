@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from synthpref.backends.base import Backend
 from synthpref.backends.embedded import EMBEDDED_MODEL_NAME as EMBEDDED_MODEL
@@ -12,11 +12,17 @@ from synthpref.backends.specs import VOLATILE, ModelSpec
 
 
 class TransformersSpec(ModelSpec):
-    """A Hugging Face causal LM from a local directory (or a hub id when the hub is reachable)."""
+    """A Hugging Face causal LM from a local directory (or a hub id when the hub is reachable), or
+    with ``task: reward`` a sequence-classification reward model."""
 
     backend_name: ClassVar[str] = "transformers"
     backend: Literal["transformers"] = "transformers"
     model: str = Field(description="model directory or hub id")
+    task: Literal["generate", "reward"] = Field(
+        "generate",
+        description="reward: the model is a sequence-classification reward model "
+        "(AutoModelForSequenceClassification); it scores conversations and does not generate",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and compute dtype; auto: bfloat16 on CUDA, float32 elsewhere"
     )
@@ -38,6 +44,15 @@ class TransformersSpec(ModelSpec):
         False, description="run the model repository's own Python code (only for repos you trust)"
     )
 
+    @model_validator(mode="after")
+    def _a_reward_model(self) -> TransformersSpec:
+        """A local directory whose config names a causal LM is refused for task: reward."""
+        if self.task == "reward":
+            from synthpref.backends.transformers_reward import check_reward_config
+
+            check_reward_config(self._path())
+        return self
+
     def _path(self) -> str:
         return self.model
 
@@ -46,10 +61,25 @@ class TransformersSpec(ModelSpec):
 
         return model_identity(self.model)
 
-    def build(self) -> Backend:
-        from synthpref.backends.transformers_backend import TransformersBackend
+    def result_fields(self) -> dict[str, Any]:
+        """``task`` enters only when it is reward, so generating specs keep the fingerprints (and
+        cached results) they had before reward models existed."""
+        out = super().result_fields()
+        if out.get("task") == "generate":
+            del out["task"]
+        return out
 
-        return TransformersBackend(
+    def build(self) -> Backend:
+        if self.task == "reward":
+            from synthpref.backends.transformers_reward import (
+                TransformersRewardBackend as backend_class,
+            )
+        else:
+            from synthpref.backends.transformers_backend import (
+                TransformersBackend as backend_class,
+            )
+
+        return backend_class(
             self._path(),
             identity=self.identity(),
             device=self.device,
@@ -60,6 +90,8 @@ class TransformersSpec(ModelSpec):
         )
 
     def capabilities(self) -> frozenset[str]:
+        if self.task == "reward":
+            return frozenset({"reward"})
         from synthpref.backends.transformers_backend import TransformersBackend
 
         return TransformersBackend.capabilities
@@ -85,6 +117,18 @@ class EmbeddedSpec(TransformersSpec):
                 "out, or use backend: transformers (a local model directory), vllm or openai"
             )
         return model
+
+    @field_validator("task")
+    @classmethod
+    def _generates(cls, task: str) -> str:
+        """SmolLM2 is a causal LM: there is no reward head to run."""
+        if task != "generate":
+            raise ValueError(
+                f"the embedded model ({EMBEDDED_MODEL}) is a causal LM, not a reward model; for "
+                "task: reward use backend: transformers (or vllm) with a sequence-classification "
+                "reward model directory"
+            )
+        return task
 
     def _path(self) -> str:
         from synthpref.backends.embedded import embedded_model_dir

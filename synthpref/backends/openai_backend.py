@@ -1,5 +1,9 @@
 """OpenAI-compatible HTTP backend: the OpenAI API itself, ``vllm serve``, SGLang, llama.cpp's server...
 
+One module (over 400 lines) because every call path (chat, completions scoring, reward) goes through
+the same client lifetime, retry policy, error typing and in-flight window, which must stay one
+implementation; what is specific to reward models is in ``openai_reward.py``.
+
 Remote servers batch on their side, so the backend's job is to keep many requests in flight, to retry
 only what can succeed on a second try (timeouts, dropped connections, 429, 5xx), and to fail at once,
 naming the request and quoting the server, on everything else. A failure is raised as the type that
@@ -30,7 +34,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from synthpref.backends.base import (
     Backend,
@@ -38,6 +42,7 @@ from synthpref.backends.base import (
     Capability,
     CapabilityError,
     OnGenerated,
+    OnRewarded,
     OnScored,
     RequestError,
     TransientBackendError,
@@ -48,6 +53,8 @@ from synthpref.backends.types import (
     Completion,
     GenerationRequest,
     GenerationResult,
+    RewardRequest,
+    RewardResult,
     ScoreRequest,
     ScoreResult,
 )
@@ -75,6 +82,12 @@ class OpenAISpec(ModelSpec):
     backend_name: ClassVar[str] = "openai"
     backend: Literal["openai"] = "openai"
     model: str = Field(description="the served model name, as the server's /v1/models lists it")
+    task: Literal["generate", "reward"] = Field(
+        "generate",
+        description="reward: the model is a sequence-classification reward model "
+        "(AutoModelForSequenceClassification); it scores conversations and does not generate "
+        "(served by vllm serve <dir> --runner pooling, see backends/openai_reward.py)",
+    )
     base_url: str | None = Field(
         None, description="e.g. http://127.0.0.1:8000/v1 for vllm serve; unset: the OpenAI API"
     )
@@ -121,9 +134,16 @@ class OpenAISpec(ModelSpec):
         "before the shard stops",
     )
 
+    @model_validator(mode="after")
+    def _reward_needs_a_server(self) -> OpenAISpec:
+        if self.task == "reward" and self.base_url is None:
+            raise ValueError("task: reward needs base_url: a vllm serve --runner pooling server")
+        return self
+
     def build(self) -> Backend:
         return OpenAIBackend(
             self.model,
+            task=self.task,
             base_url=self.base_url,
             api_key_env=self.api_key_env,
             tokenizer=self.tokenizer,
@@ -136,11 +156,20 @@ class OpenAISpec(ModelSpec):
         )
 
     def capabilities(self) -> frozenset[str]:
+        if self.task == "reward":
+            return frozenset({"reward"})
         caps = {"generate", "json_schema", "top_logprobs"}
         return frozenset(caps | {"score"} if self.tokenizer else caps)
 
     def display_name(self) -> str:
         return self.model
+
+    def result_fields(self) -> dict[str, Any]:
+        """``task`` enters only when it is reward: generating specs keep their fingerprints."""
+        out = super().result_fields()
+        if out.get("task") == "generate":
+            del out["task"]
+        return out
 
     def weights_identity(self) -> str | None:
         """Only the local tokenizer can be seen: a server's weights are out of reach (see
@@ -189,6 +218,7 @@ class OpenAIBackend(Backend):
         self,
         model: str,
         *,
+        task: Literal["generate", "reward"] = "generate",
         base_url: str | None = None,
         api_key: str | None = None,
         api_key_env: str = "OPENAI_API_KEY",
@@ -203,6 +233,7 @@ class OpenAIBackend(Backend):
         retry_max_wait: float = 60.0,
     ) -> None:
         self.model = model
+        self.task = task
         self.base_url = base_url.rstrip("/") if base_url else None
         self.tokenizer_path = tokenizer
         self._identity: str | None = None
@@ -273,6 +304,8 @@ class OpenAIBackend(Backend):
         return self._identity
 
     def supports(self, capability: Capability) -> bool:
+        if self.task == "reward":
+            return capability == "reward"
         if capability == "score":
             return self.tokenizer_path is not None
         return capability in self.capabilities
@@ -300,6 +333,7 @@ class OpenAIBackend(Backend):
     async def generate(
         self, requests: Sequence[GenerationRequest], on_result: OnGenerated | None = None
     ) -> list[GenerationResult]:
+        self._not_a_reward_model("generate")
         for i, r in enumerate(requests):
             if r.continue_final_message:
                 raise CapabilityError(
@@ -417,6 +451,7 @@ class OpenAIBackend(Backend):
     async def score(
         self, requests: Sequence[ScoreRequest], on_result: OnScored | None = None
     ) -> list[ScoreResult]:
+        self._not_a_reward_model("score text")
         tok = self.tokenizer  # raises CapabilityError without one
         if not requests:
             return []
@@ -453,8 +488,25 @@ class OpenAIBackend(Backend):
 
             return await self._run_all(len(requests), one, on_result)
 
+    async def reward(
+        self, requests: Sequence[RewardRequest], on_result: OnRewarded | None = None
+    ) -> list[RewardResult]:
+        """Raw reward-head outputs per conversation (task: reward): :mod:`openai_reward`."""
+        from synthpref.backends.openai_reward import reward
+
+        return await reward(self, requests, on_result)
+
+    def _not_a_reward_model(self, what: str) -> None:
+        if self.task == "reward":
+            raise CapabilityError(f"{self.model!r} is a reward model (task: reward): cannot {what}")
+
     async def _context_limit(self, client: AsyncOpenAI) -> int | None:
         """The longest prompt a score request may send: the context minus the one generated token."""
+        window = await self._context_window(client)
+        return window - 1 if window else None
+
+    async def _context_window(self, client: AsyncOpenAI) -> int | None:
+        """The server's context window: ``max_context``, else asked once from /v1/models."""
         if not self._context_checked:
             self._context_checked = True
             try:
@@ -464,7 +516,7 @@ class OpenAIBackend(Backend):
                         self.max_context = int(m.max_model_len)  # type: ignore[attr-defined]
             except Exception as exc:
                 log.info("could not read the context window from %s/models: %s", self.where, exc)
-        return self.max_context - 1 if self.max_context else None
+        return self.max_context
 
     def _prompt_logprobs(
         self, i: int, resp: Any, ids: list[int], start: int, end: int

