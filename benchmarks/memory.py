@@ -18,12 +18,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from _shared import child_job, run_job
 
 WORDS = (
     "river lantern copper meadow signal harbor violet engine orchard pebble summit canvas "
@@ -111,8 +112,7 @@ def job(cfg: dict, out_path: str) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--_job":
-        job(json.loads(sys.argv[2]), sys.argv[3])
+    if child_job("--_job", job):
         return
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -131,19 +131,8 @@ def main() -> None:
             "shard_size": args.shard_size,
             "batch_size": args.batch_size,
         }
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "r.json"
-            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-            proc = subprocess.run(
-                [sys.executable, __file__, "--_job", json.dumps(cfg), str(out)],
-                env=env,
-                capture_output=True,
-                text=True,
-            )
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-                raise SystemExit(f"the run at {n} prompts failed ({proc.returncode})")
-            r = json.loads(out.read_text())
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        r = run_job([sys.executable, __file__, "--_job"], cfg, env, f"the run at {n} prompts")
         results.append(r)
         print(
             f"{n:>7} prompts: peak RSS {r['peak_kib'] / 1024:7.1f} MiB | after model load "

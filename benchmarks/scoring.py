@@ -26,6 +26,8 @@ import os
 import time
 from pathlib import Path
 
+from _shared import vllm_cpu_defaults
+
 REPO = Path(__file__).resolve().parent.parent
 
 #: candidate texts of assorted lengths; candidate k of prompt i is RESPONSES[(i * K + k) % 8]
@@ -185,12 +187,7 @@ def run_benchmark(args) -> None:
         else:
             from synthpref.backends.vllm_backend import VLLMSpec
 
-            for key, value in {
-                "VLLM_CPU_OMP_THREADS_BIND": "0-1",
-                "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-                "VLLM_CPU_KVCACHE_SPACE": "1",
-            }.items():
-                os.environ.setdefault(key, value)
+            vllm_cpu_defaults(kvcache_gib=1)
 
             def vllm_backend(enable_prefix_caching: bool):
                 spec = VLLMSpec(

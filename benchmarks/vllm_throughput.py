@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
+
+from _shared import vllm_cpu_defaults
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,12 +46,7 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    for key, value in {
-        "VLLM_CPU_OMP_THREADS_BIND": "0-1",
-        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        "VLLM_CPU_KVCACHE_SPACE": "2",
-    }.items():
-        os.environ.setdefault(key, value)
+    vllm_cpu_defaults(kvcache_gib=2)
 
     from vllm import SamplingParams as VSamplingParams
     from vllm.inputs import TokensPrompt

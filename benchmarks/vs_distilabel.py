@@ -33,11 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _shared import child_job, run_job
 
 REPO = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
@@ -114,25 +115,8 @@ def synthpref_job(cfg: dict, out_path: str) -> None:
     Path(out_path).write_text(json.dumps(out))
 
 
-def run_side(cmd: list[str], cfg: dict, env: dict) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            [*cmd, json.dumps(cfg), str(out)], env=env, capture_output=True, text=True
-        )
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0 or not out.exists():
-            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-            raise SystemExit(f"{cmd[0]} failed with exit code {proc.returncode}")
-        result = json.loads(out.read_text())
-    result["wall_s"] = wall
-    return result
-
-
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--_synthpref-job":
-        synthpref_job(json.loads(sys.argv[2]), sys.argv[3])
+    if child_job("--_synthpref-job", synthpref_job):
         return
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -174,9 +158,9 @@ def main() -> None:
 
     sp_runs, dl_runs = [], []
     for _ in range(args.repeats):
-        sp_runs.append(run_side([sys.executable, __file__, "--_synthpref-job"], sp_cfg, env))
+        sp_runs.append(run_job([sys.executable, __file__, "--_synthpref-job"], sp_cfg, env))
         dl_runs.append(
-            run_side([args.distilabel_python, str(HERE / "_distilabel_job.py")], dl_cfg, env)
+            run_job([args.distilabel_python, str(HERE / "_distilabel_job.py")], dl_cfg, env)
         )
     sp = min(sp_runs, key=lambda r: r["wall_s"])
     dl = min(dl_runs, key=lambda r: r["wall_s"])

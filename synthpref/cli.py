@@ -1,4 +1,9 @@
-"""The ``synthpref`` command line."""
+"""The ``synthpref`` command line.
+
+One module because each command is a thin layer over the library (``synthpref.run``/``validate``,
+the registries, ``report``, ``hub``): what stays here is its options and help texts, how its result
+is printed, and the one error handler they all share, which read best side by side.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ console = Console(stderr=True)
 out = Console()
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", exists=False)]
+JsonFlag = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
 
 @contextmanager
@@ -149,21 +155,18 @@ def validate(recipe: RecipeArg) -> None:
 
 
 @app.command()
-def stages(
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-) -> None:
+def stages(as_json: JsonFlag = False) -> None:
     """List every stage and judge, built-in and from installed plugins, with its parameters."""
     from synthpref.stages.registry import STAGES
 
-    catalogue = _catalogue(
-        STAGES.items(),
+    _list(
+        STAGES,
         lambda cls: {"kind": cls.kind, "doc": _doc_line(cls), "params": _params(cls.Params)},
         {"kind": None, "doc": "", "params": {}},
+        lambda info: f" ({info['kind']}) {info['doc']}",
+        "params",
+        as_json=as_json,
     )
-    if as_json:
-        out.print_json(json.dumps(catalogue))
-        return
-    _print_catalogue(catalogue, lambda info: f" ({info['kind']}) {info['doc']}", "params")
 
 
 def _params(model) -> dict:
@@ -193,6 +196,16 @@ def _params(model) -> dict:
 def _doc_line(obj: object) -> str:
     doc = (obj.__doc__ or "").strip()
     return doc.splitlines()[0] if doc else ""
+
+
+def _list(registry, describe, empty: dict, headline, details: str, *, as_json: bool) -> None:
+    """Every entry of ``registry`` as JSON, or one headline each with its ``details`` (parameters
+    or columns) below it; see :func:`_catalogue` and :func:`_print_catalogue`."""
+    catalogue = _catalogue(registry.items(), describe, empty)
+    if as_json:
+        out.print_json(json.dumps(catalogue))
+    else:
+        _print_catalogue(catalogue, headline, details)
 
 
 def _catalogue(entries, describe, empty: dict) -> dict:
@@ -233,42 +246,36 @@ def _print_catalogue(catalogue: dict, headline, details: str) -> None:
 
 
 @app.command()
-def backends(
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-) -> None:
+def backends(as_json: JsonFlag = False) -> None:
     """List the model backends a recipe can name (built-in and plugins) with their settings."""
     from synthpref.backends.specs import BACKENDS
 
-    catalogue = _catalogue(
-        BACKENDS.items(),
+    _list(
+        BACKENDS,
         lambda cls: {
             "doc": _doc_line(cls),
             "params": {k: v for k, v in _params(cls).items() if k != "backend"},
         },
         {"doc": "", "params": {}},
+        lambda info: f": {info['doc']}",
+        "params",
+        as_json=as_json,
     )
-    if as_json:
-        out.print_json(json.dumps(catalogue))
-        return
-    _print_catalogue(catalogue, lambda info: f": {info['doc']}", "params")
 
 
 @app.command()
-def formats(
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-) -> None:
+def formats(as_json: JsonFlag = False) -> None:
     """List the dataset formats output.formats can name (built-in and plugins) with their columns."""
     from synthpref.export import FORMATS
 
-    catalogue = _catalogue(
-        FORMATS.items(),
+    _list(
+        FORMATS,
         lambda fmt: {"doc": fmt.description, "columns": fmt.columns()},
         {"doc": "", "columns": {}},
+        lambda info: f": {info['doc']}",
+        "columns",
+        as_json=as_json,
     )
-    if as_json:
-        out.print_json(json.dumps(catalogue))
-        return
-    _print_catalogue(catalogue, lambda info: f": {info['doc']}", "columns")
 
 
 @app.command("eval-judges")

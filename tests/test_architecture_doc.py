@@ -62,3 +62,13 @@ def test_every_builtin_stage_type_is_named(name):
 
 def test_the_check_sees_modules_and_stages():
     assert len(MODULES) > 50 and {"generate", "pairs", "route", "jury"} <= set(builtin_stages())
+
+
+def test_tests_mirror_the_package_layout():
+    """A test folder is named after the synthpref subpackage its tests cover (tests/judges/ tests
+    synthpref/judges/...); tests of top-level modules stay in tests/."""
+    tests = REPO / "tests"
+    folders = [d.name for d in tests.iterdir() if (d / "__init__.py").exists()]
+    assert folders, "no test folders"
+    for name in folders:
+        assert (PACKAGE / name / "__init__.py").exists(), f"tests/{name}/ has no synthpref/{name}/"

@@ -15,13 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.console import Console
+
 from synthpref.backends.client import ModelClient
+from synthpref.console import say
 from synthpref.errors import SynthprefError
 from synthpref.executor import checkpoints as ck
 from synthpref.executor.durable import write_json, write_jsonl
 from synthpref.executor.fingerprint import digest, input_fingerprint, stage_fingerprints
+from synthpref.executor.progress import StageProgress
 from synthpref.executor.run_dir import RunDirError, check_output_dir, clear_for_fresh, contained
-from synthpref.executor.run_meta import RUN_LAYOUT, file_digest
+from synthpref.executor.run_meta import RUN_LAYOUT, StageSummary, file_digest
 from synthpref.executor.worker_cache import merge_worker_caches
 from synthpref.export import export_all
 from synthpref.recipes.loader import LoadedRecipe
@@ -32,33 +36,6 @@ from synthpref.stages.base import Stage, StageContext, candidate_id_problem
 
 class RunError(SynthprefError, RuntimeError):
     """A run stopped; the message names the stage and shard where known, and the cause."""
-
-
-@dataclass
-class StageSummary:
-    name: str
-    type: str
-    records_in: int = 0
-    records_out: int = 0
-    shards_resumed: int = 0
-    counters: Counter = field(default_factory=Counter)
-    tokens: int = 0
-    calls: int = 0
-    cache_hits: int = 0
-    seconds: float = 0.0
-
-    def add(self, info: dict, resumed: bool) -> None:
-        """Count one shard's checkpoint info (computed now or read back from a checkpoint)."""
-        self.records_in += info["records_in"]
-        self.records_out += info["records_out"]
-        self.counters.update(info.get("counters", {}))
-        self.seconds += info.get("seconds", 0.0)
-        self.shards_resumed += int(resumed)
-
-    def add_calls(self, stats: dict[str, int]) -> None:
-        self.calls += stats["calls"]
-        self.cache_hits += stats["cache_hits"]
-        self.tokens += stats["tokens"]
 
 
 @dataclass
@@ -118,6 +95,37 @@ class RunPlan:
                 continue
             return i
         return -1
+
+
+class Executor:
+    """What every executor is given: the loaded recipe, the run directory (default: the recipe's
+    ``output.dir``), whether to start ``fresh``, and the console its warnings and (if ``progress``)
+    progress bars go to. A subclass decides where and in what order shards go through the stages."""
+
+    def __init__(
+        self,
+        loaded: LoadedRecipe,
+        *,
+        run_dir: Path | None = None,
+        fresh: bool = False,
+        console: Console | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.loaded = loaded
+        self.recipe = loaded.recipe
+        self.run_dir = Path(run_dir or self.recipe.resolve(self.recipe.output.dir))
+        self.fresh = fresh
+        self.console = console or Console(stderr=True)
+        self.show_progress = progress
+
+    def run(self) -> RunResult:
+        raise NotImplementedError
+
+    def _warn(self, message: str) -> None:
+        say(self.console, message, style="yellow")
+
+    def _tally(self, plan: RunPlan) -> RunTally:
+        return RunTally(self.loaded.stages, len(plan.records), self.console, self.show_progress)
 
 
 def plan_run(
@@ -289,6 +297,45 @@ def earlier_info(path: Path) -> dict | None:
         return ck.read_info(path)
     except ck.CheckpointError:
         return None
+
+
+class RunTally:
+    """A run's per-stage summaries and progress bars, advanced together: each stage of each shard
+    counts once, whether computed now or found in a checkpoint (the local and the Ray executor count
+    alike). A context manager: the progress bars show while it is open."""
+
+    def __init__(
+        self, stages: list[Stage], records: int, console: Console, show_progress: bool = True
+    ) -> None:
+        self.summaries = [StageSummary(s.name, s.type_name) for s in stages]
+        self.progress = StageProgress(console, show_progress)
+        self._records = records
+
+    def __enter__(self) -> RunTally:
+        self.progress.__enter__()
+        for s in self.summaries:
+            self.progress.add(s.name, total=self._records)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def add(self, stage: int, info: dict, resumed: bool) -> None:
+        """Stage ``stage`` of one shard is done: its checkpoint ``info``, computed now or not."""
+        summary = self.summaries[stage]
+        summary.add(info, resumed=resumed)
+        self.progress.advance(summary.name, info["records_in"], note="resumed" if resumed else "")
+
+    def add_earlier(self, stage: int, path: Path) -> None:
+        """A stage the shard resumes *after*: its counts from the checkpoint's footer, if readable."""
+        info = earlier_info(path)
+        if info is not None:
+            self.add(stage, info, resumed=True)
+
+    def add_calls(self, stats: dict[str, dict[str, int]]) -> None:
+        """Calls, cache hits and tokens per stage, as :func:`client_stats` returns them."""
+        for summary in self.summaries:
+            summary.add_calls(stats[summary.name])
 
 
 def read_resume_point(path: Path) -> tuple[list[Record], dict]:

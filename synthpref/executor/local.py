@@ -12,26 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
-
-from rich.console import Console
+from typing import Any
 
 from synthpref.cache import RequestCache
-from synthpref.console import say
 from synthpref.executor.common import (
+    Executor,
     RunError,
     RunPlan,
     RunResult,
+    RunTally,
     StageSummary,
     build_clients,
     client_stats,
-    earlier_info,
     finish_run,
     plan_run,
     process_shard,
     read_resume_point,
 )
-from synthpref.executor.progress import StageProgress
 from synthpref.recipes.loader import LoadedRecipe
 from synthpref.records import Record
 from synthpref.sources import InputError
@@ -39,26 +36,20 @@ from synthpref.sources import InputError
 __all__ = ["LocalExecutor", "RunError", "RunResult", "StageSummary"]
 
 
-class LocalExecutor:
+class LocalExecutor(Executor):
+    """Runs in this process; ``options`` are :class:`~synthpref.executor.common.Executor`'s."""
+
     def __init__(
         self,
         loaded: LoadedRecipe,
         *,
-        run_dir: Path | None = None,
-        fresh: bool = False,
-        console: Console | None = None,
-        progress: bool = True,
         records: list[Record] | None = None,
         input_errors: list[InputError] | None = None,
+        **options: Any,
     ) -> None:
-        self.loaded = loaded
+        super().__init__(loaded, **options)
         self.records = records  # pre-built records instead of the recipe's source (eval-judges)
         self.input_errors = input_errors
-        self.recipe = loaded.recipe
-        self.run_dir = run_dir or self.recipe.resolve(self.recipe.output.dir)
-        self.fresh = fresh
-        self.console = console or Console(stderr=True)
-        self.show_progress = progress
 
     # public -------------------------------------------------------------------------------------
 
@@ -75,30 +66,20 @@ class LocalExecutor:
             input_errors=self.input_errors,
             warn=self._warn,
         )
-        stages = self.loaded.stages
-        summaries = [StageSummary(s.name, s.type_name) for s in stages]
+        tally = self._tally(plan)
         cache = RequestCache(self.run_dir / "cache.sqlite")
         try:
-            with StageProgress(self.console, self.show_progress) as progress:
-                for s in stages:
-                    progress.add(s.name, total=len(plan.records))
-                clients = build_clients(self.loaded, cache, progress.tokens, self._warn)
-                await self._pipeline(plan, summaries, progress)
-            stats = client_stats(clients)
-            for summary in summaries:
-                summary.add_calls(stats[summary.name])
+            with tally:
+                clients = build_clients(self.loaded, cache, tally.progress.tokens, self._warn)
+                await self._pipeline(plan, tally)
+            tally.add_calls(client_stats(clients))
         finally:
             cache.close()
-        return finish_run(self.loaded, plan, summaries, t0)
+        return finish_run(self.loaded, plan, tally.summaries, t0)
 
     # internals ----------------------------------------------------------------------------------
 
-    def _warn(self, message: str) -> None:
-        say(self.console, message, style="yellow")
-
-    async def _pipeline(
-        self, plan: RunPlan, summaries: list[StageSummary], progress: StageProgress
-    ) -> None:
+    async def _pipeline(self, plan: RunPlan, tally: RunTally) -> None:
         stages, shards = self.loaded.stages, plan.shards
         n_stages = len(stages)
         start_at = [plan.start_at(k) for k in range(len(shards))]
@@ -106,24 +87,18 @@ class LocalExecutor:
         queues = [asyncio.Queue(maxsize=depth) for _ in range(n_stages)]
 
         async def worker(i: int) -> None:
-            stage, summary = stages[i], summaries[i]
             for k in range(len(shards)):
                 upstream = shards[k] if i == 0 else await queues[i - 1].get()
                 path = plan.path(i, k)
                 if i < start_at[k]:
                     out = None
-                    info = earlier_info(path)
-                    if info is not None:
-                        summary.add(info, resumed=True)
-                        progress.advance(stage.name, info["records_in"], note="resumed")
+                    tally.add_earlier(i, path)
                 elif i == start_at[k]:
                     out, info = read_resume_point(path)
-                    summary.add(info, resumed=True)
-                    progress.advance(stage.name, info["records_in"], note="resumed")
+                    tally.add(i, info, resumed=True)
                 else:
-                    out, info = await process_shard(stage, k, upstream, path)
-                    summary.add(info, resumed=False)
-                    progress.advance(stage.name, len(upstream))
+                    out, info = await process_shard(stages[i], k, upstream, path)
+                    tally.add(i, info, resumed=False)
                 if i + 1 < n_stages:
                     await queues[i].put(out)
 

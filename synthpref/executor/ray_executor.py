@@ -23,16 +23,15 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
-from rich.console import Console
-
-from synthpref.console import say
 from synthpref.executor import checkpoints as ck
 from synthpref.executor.common import (
+    Executor,
     RunError,
     RunPlan,
     RunResult,
-    StageSummary,
+    RunTally,
     build_clients,
     client_stats,
     earlier_info,
@@ -41,7 +40,6 @@ from synthpref.executor.common import (
     process_shard,
     read_resume_point,
 )
-from synthpref.executor.progress import StageProgress
 from synthpref.executor.worker_cache import WORKER_CACHE_DIR, WorkerCache, merge_worker_caches
 from synthpref.recipes.loader import LoadedRecipe
 
@@ -104,27 +102,22 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-class RayExecutor:
+class RayExecutor(Executor):
+    """Runs on a Ray cluster; ``options`` are :class:`~synthpref.executor.common.Executor`'s."""
+
     def __init__(
         self,
         loaded: LoadedRecipe,
         *,
-        run_dir: Path | None = None,
-        fresh: bool = False,
-        console: Console | None = None,
-        progress: bool = True,
         address: str | None = None,
         workers: int | None = None,
+        **options: Any,
     ) -> None:
         if workers is not None and workers < 1:
             raise ValueError("workers must be at least 1")
-        self.loaded = loaded
-        recipe = loaded.recipe
+        super().__init__(loaded, **options)
         # absolute: actors do not share the driver's working directory
-        self.run_dir = Path(run_dir or recipe.resolve(recipe.output.dir)).resolve()
-        self.fresh = fresh
-        self.console = console or Console(stderr=True)
-        self.show_progress = progress
+        self.run_dir = self.run_dir.resolve()
         self.address = address
         self.workers = workers
 
@@ -134,19 +127,14 @@ class RayExecutor:
         plan = plan_run(self.loaded, self.run_dir, fresh=self.fresh, warn=self._warn)
         stages = self.loaded.stages
         last = len(stages) - 1
-        summaries = [StageSummary(s.name, s.type_name) for s in stages]
+        tally = self._tally(plan)
         todo: list[tuple[int, int]] = []
-        with StageProgress(self.console, self.show_progress) as progress:
-            for s in stages:
-                progress.add(s.name, total=len(plan.records))
+        with tally:
             for k in range(len(plan.shards)):
                 start = plan.start_at(k)
                 if start == last:  # finished: only its counters are needed
                     for i in range(last + 1):
-                        info = earlier_info(plan.path(i, k))
-                        if info is not None:
-                            summaries[i].add(info, resumed=True)
-                            progress.advance(stages[i].name, info["records_in"], note="resumed")
+                        tally.add_earlier(i, plan.path(i, k))
                 else:
                     todo.append((k, start))
             if todo:
@@ -156,17 +144,14 @@ class RayExecutor:
                         address=self.address, include_dashboard=False, logging_level=logging.WARNING
                     )
                 try:
-                    self._distribute(ray, plan, todo, summaries, progress)
+                    self._distribute(ray, plan, todo, tally)
                 finally:
                     if started:
                         ray.shutdown()
         merge_worker_caches(self.run_dir)
-        return finish_run(self.loaded, plan, summaries, t0)
+        return finish_run(self.loaded, plan, tally.summaries, t0)
 
     # internals ----------------------------------------------------------------------------------
-
-    def _warn(self, message: str) -> None:
-        say(self.console, message, style="yellow")
 
     def _actor_options(self, ray, n_shards: int) -> tuple[int, dict]:
         """How many replicas, and the resources of each: a GPU each where the cluster has GPUs
@@ -193,7 +178,7 @@ class RayExecutor:
             }
         return min(n, n_shards), options
 
-    def _distribute(self, ray, plan: RunPlan, todo, summaries, progress) -> None:
+    def _distribute(self, ray, plan: RunPlan, todo, tally: RunTally) -> None:
         n, options = self._actor_options(ray, len(todo))
         depth = self.loaded.recipe.settings.max_concurrent_shards
         worker_cls = ray.remote(ShardWorker).options(
@@ -206,7 +191,7 @@ class RayExecutor:
             for _ in range(n)
         ]
         try:
-            self._dispatch(ray, actors, depth, plan, todo, summaries, progress)
+            self._dispatch(ray, actors, depth, plan, todo, tally)
             stats = ray.get([a.close.remote() for a in actors])
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if isinstance(exc.cause, RunError) else exc
@@ -220,10 +205,9 @@ class RayExecutor:
             for a in actors:
                 ray.kill(a)
         for per_actor in stats:
-            for summary in summaries:
-                summary.add_calls(per_actor[summary.name])
+            tally.add_calls(per_actor)
 
-    def _dispatch(self, ray, actors, depth, plan: RunPlan, todo, summaries, progress) -> None:
+    def _dispatch(self, ray, actors, depth, plan: RunPlan, todo, tally: RunTally) -> None:
         """Keep every actor busy with up to ``depth`` shards, in shard order, least busy first."""
         queue = list(reversed(todo))
         load = [0] * len(actors)
@@ -239,6 +223,4 @@ class RayExecutor:
             for ref in ready:
                 load[in_flight.pop(ref)] -= 1
                 for i, info, resumed in ray.get(ref):
-                    summaries[i].add(info, resumed=resumed)
-                    name = summaries[i].name
-                    progress.advance(name, info["records_in"], note="resumed" if resumed else "")
+                    tally.add(i, info, resumed=resumed)

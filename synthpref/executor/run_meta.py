@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,6 +50,37 @@ class RunInfo(_Lenient):
 
     def written_by_synthpref(self) -> bool:
         return self.synthpref_run is not None or _LEGACY_KEYS <= self.model_fields_set
+
+
+@dataclass
+class StageSummary:
+    """One stage's numbers, summed shard by shard from checkpoint infos: what a run writes into
+    ``summary.json`` (read back as :class:`StageRecord`), and what the report recounts from every
+    checkpoint of the run."""
+
+    name: str
+    type: str
+    records_in: int = 0
+    records_out: int = 0
+    shards_resumed: int = 0
+    counters: Counter = field(default_factory=Counter)
+    tokens: int = 0
+    calls: int = 0
+    cache_hits: int = 0
+    seconds: float = 0.0
+
+    def add(self, info: dict, resumed: bool) -> None:
+        """Count one shard's checkpoint info (computed now or read back from a checkpoint)."""
+        self.records_in += info["records_in"]
+        self.records_out += info["records_out"]
+        self.counters.update(info.get("counters", {}))
+        self.seconds += info.get("seconds", 0.0)
+        self.shards_resumed += int(resumed)
+
+    def add_calls(self, stats: dict[str, int]) -> None:
+        self.calls += stats["calls"]
+        self.cache_hits += stats["cache_hits"]
+        self.tokens += stats["tokens"]
 
 
 class StageRecord(_Lenient):
@@ -92,18 +125,24 @@ def load(path: Path, model: type[M]) -> M:
         raise RunMetaError(f"{path} is missing") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RunMetaError(f"{path} cannot be read: {exc}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RunMetaError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise RunMetaError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    data = json_object(text, str(path))
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "<root>"
         raise RunMetaError(f"{path}: {where}: {first['msg']}") from None
+
+
+def json_object(text: str, where: str) -> dict[str, Any]:
+    """``text`` parsed as one JSON object; RunMetaError says, after ``where``, what it is instead."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RunMetaError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise RunMetaError(f"{where} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def file_digest(path: Path) -> FileDigest:

@@ -64,8 +64,12 @@ def remember_dropped(record: Record, pair: Pair, stage: str, reason: str) -> Non
     )
 
 
-def flag(record: Record, stage: str, flag_name: str, **info: Any) -> None:
-    record.annotations.setdefault(FLAGS, []).append({"flag": flag_name, "stage": stage, **info})
+def keep_flagged(stage: Stage, record: Record, reason: str, **info: Any) -> None:
+    """What ``action: flag`` does with an item ``action: drop`` would drop: it is kept, counted as
+    ``kept`` and ``flagged:<reason>``, and the record's annotations get a flag with ``info``."""
+    stage.counters["kept"] += 1
+    stage.counters[f"flagged:{reason}"] += 1
+    record.annotations.setdefault(FLAGS, []).append({"flag": reason, "stage": stage.name, **info})
 
 
 def prompt_text(record: Record, roles: tuple[str, ...] = ("user",)) -> str:

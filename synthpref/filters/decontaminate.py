@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from synthpref.filters._common import flag, ngrams, prompt_text, resolve, words
+from synthpref.filters._common import keep_flagged, ngrams, prompt_text, resolve, words
 from synthpref.records import Record
 from synthpref.stages.base import Stage, StageParams
 from synthpref.stages.registry import register_stage
@@ -174,11 +174,9 @@ class Decontaminate(Stage):
             elif self.params.action == "drop":
                 self.counters["dropped:contaminated"] += 1
             else:
-                self.counters["kept"] += 1
-                self.counters["flagged:contaminated"] += 1
-                flag(
+                keep_flagged(
+                    self,
                     record,
-                    self.name,
                     "contaminated",
                     overlap=round(found.overlap, 3),
                     eval_item=found.item,

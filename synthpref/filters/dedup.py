@@ -28,7 +28,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from synthpref.filters._common import exact_text, flag, ngrams, prompt_text, words_and_symbols
+from synthpref.filters._common import (
+    exact_text,
+    keep_flagged,
+    ngrams,
+    prompt_text,
+    words_and_symbols,
+)
 from synthpref.records import Record
 from synthpref.stages.base import Stage, StageParams
 from synthpref.stages.registry import register_stage
@@ -166,8 +172,6 @@ class Dedup(Stage):
             if self.params.action == "drop":
                 self.counters[f"dropped:{kind}"] += 1
             else:
-                self.counters["kept"] += 1
-                self.counters[f"flagged:{kind}"] += 1
-                flag(record, self.name, kind, duplicate_of=original)
+                keep_flagged(self, record, kind, duplicate_of=original)
                 out.append(record)
         return out

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from synthpref.filters._common import flag, length, needs_pairs, remember_dropped
+from synthpref.filters._common import keep_flagged, length, needs_pairs, remember_dropped
 from synthpref.records import Pair, Record
 from synthpref.stages.base import Stage, StageParams
 from synthpref.stages.registry import register_stage
@@ -66,11 +66,9 @@ class LengthBiasFilter(Stage):
                     self.counters["dropped:length_bias"] += 1
                     remember_dropped(record, pair, self.name, "length_bias")
                 else:
-                    self.counters["kept"] += 1
-                    self.counters["flagged:length_bias"] += 1
-                    flag(
+                    keep_flagged(
+                        self,
                         record,
-                        self.name,
                         "length_bias",
                         chosen_id=pair.chosen_id,
                         rejected_id=pair.rejected_id,

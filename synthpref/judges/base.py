@@ -66,13 +66,10 @@ class JudgeStage(Stage):
 
     kind = "judge"
     params: JudgeParams
-
-    def models_used(self) -> list[str]:
-        return [self.params.model]
+    model_params = ("model",)
 
     def client(self) -> ModelClient:
-        assert self.ctx is not None, "stage used before the executor attached its context"
-        return self.ctx.model(self.params.model)
+        return self.model_client(self.params.model)
 
 
 class Judge(JudgeStage):

@@ -35,7 +35,12 @@ import jinja2
 from pydantic import Field, ValidationError
 
 from synthpref.backends.types import ScoreRequest, ScoreResult
-from synthpref.judges.logprob import content_hash, failed_judgment, load_yaml_file, score_isolated
+from synthpref.judges.logprob import (
+    content_hash,
+    load_yaml_file,
+    record_failed,
+    score_isolated,
+)
 from synthpref.records import Judgment, Message, Record
 from synthpref.stages.base import Stage, StageParams
 from synthpref.stages.registry import register_stage
@@ -219,12 +224,8 @@ class DensityRatioJudge(Stage):
     kind = "judge"
     Params = DensityRatioParams
     params: DensityRatioParams
-
-    def models_used(self) -> list[str]:
-        return list(dict.fromkeys([self.params.strong, self.params.weak]))
-
-    def requirements(self) -> dict[str, set]:
-        return {m: {"score"} for m in self.models_used()}
+    model_params = ("strong", "weak")
+    model_capability = "score"
 
     def customisations(self) -> dict[str, Customisation]:
         out: dict[str, Customisation] = {}
@@ -274,8 +275,7 @@ class DensityRatioJudge(Stage):
         return str(value) if value is not None else None
 
     async def process(self, records: list[Record]) -> list[Record]:
-        assert self.ctx is not None, "stage used before the executor attached its context"
-        strong, weak = self.ctx.model(self.params.strong), self.ctx.model(self.params.weak)
+        strong, weak = self.model_client(self.params.strong), self.model_client(self.params.weak)
         resolved = self.resolved()
         plain = Resolved(Side(None, ()), Side(None, ()), content_hash("plain"))
         units, strong_reqs, weak_reqs = [], [], []
@@ -310,21 +310,14 @@ class DensityRatioJudge(Stage):
                 "details": {"domain": domain, "customisation": key, "models": names},
             }
             if k is None:
-                self.counters["failed"] += 1
-                self.counters["empty_response"] += 1
-                record.judgments.append(
-                    failed_judgment(self.name, record, cand.id, "empty response", **common)
-                )
+                record_failed(self, record, cand.id, "empty response", "empty_response", **common)
                 continue
             s, w = strong_out[k], weak_out[k]
             errors = [
                 f"{n} side: {r}" for n, r in (("strong", s), ("weak", w)) if isinstance(r, str)
             ]
             if errors:
-                self.counters["failed"] += 1
-                record.judgments.append(
-                    failed_judgment(self.name, record, cand.id, "; ".join(errors), **common)
-                )
+                record_failed(self, record, cand.id, "; ".join(errors), **common)
                 continue
             record.judgments.append(self._judgment(cand.id, s, w, common))
         return records

@@ -26,9 +26,9 @@ from pydantic import Field, ValidationError
 from synthpref.backends.types import ScoreRequest, ScoreResult
 from synthpref.judges.logprob import (
     content_hash,
-    failed_judgment,
     judged_response,
     load_yaml_file,
+    record_failed,
     score_isolated,
 )
 from synthpref.records import Judgment, Message, Record
@@ -123,12 +123,8 @@ class FollowupJudge(Stage):
     kind = "judge"
     Params = FollowupParams
     params: FollowupParams
-
-    def models_used(self) -> list[str]:
-        return [self.params.model]
-
-    def requirements(self) -> dict[str, set]:
-        return {self.params.model: {"score"}}
+    model_params = ("model",)
+    model_capability = "score"
 
     def sets(self) -> list[Loaded]:
         if not hasattr(self, "_sets"):
@@ -167,8 +163,7 @@ class FollowupJudge(Stage):
         return {s.name: s.hash for s in self.sets()}
 
     async def process(self, records: list[Record]) -> list[Record]:
-        assert self.ctx is not None, "stage used before the executor attached its context"
-        client = self.ctx.model(self.params.model)
+        client = self.model_client(self.params.model)
         sets = self.sets()
         utterances = [(s.name, kind, t) for s in sets for kind in ("positive", "negative")
                       for t in getattr(s, kind)]  # fmt: skip
@@ -193,20 +188,13 @@ class FollowupJudge(Stage):
         for record, cand, k in units:
             self.counters["judgments"] += 1
             if k is None:
-                self.counters["failed"] += 1
-                self.counters["empty_response"] += 1
-                record.judgments.append(
-                    failed_judgment(self.name, record, cand.id, "empty response", **common)
-                )
+                record_failed(self, record, cand.id, "empty response", "empty_response", **common)
                 continue
             mine = results[k : k + len(utterances)]
             errors = [r for r in mine if isinstance(r, str)]
             if errors:
-                self.counters["failed"] += 1
-                why = errors[0] + (
-                    f" (and {len(errors) - 1} more follow-ups)" if len(errors) > 1 else ""
-                )
-                record.judgments.append(failed_judgment(self.name, record, cand.id, why, **common))
+                more = f" (and {len(errors) - 1} more follow-ups)" if len(errors) > 1 else ""
+                record_failed(self, record, cand.id, errors[0] + more, **common)
                 continue
             record.judgments.append(self._judgment(cand.id, utterances, mine, common))  # type: ignore[arg-type]
         return records

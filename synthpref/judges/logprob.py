@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Awaitable, Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -18,7 +19,11 @@ from synthpref.backends.base import RequestError
 from synthpref.backends.client import ModelClient
 from synthpref.backends.types import ScoreRequest, ScoreResult
 from synthpref.records import Judgment, Message, Record
+from synthpref.stages.base import Stage
 from synthpref.templates import find_recipe_file
+
+R = TypeVar("R")
+T = TypeVar("T")
 
 
 def content_hash(obj: Any) -> str:
@@ -40,11 +45,11 @@ def _read_yaml(found: Path) -> Any:
         raise ValueError(f"{found} is not valid YAML: {exc}") from exc
 
 
-async def score_isolated(
-    client: ModelClient, requests: list[ScoreRequest]
-) -> list[ScoreResult | str]:
-    """Score every request in one call; when the call fails because of some of them, split it in
-    halves until the failing requests are alone, and return their error text in their place.
+async def isolated(
+    call: Callable[[list[R]], Awaitable[Sequence[T]]], requests: list[R]
+) -> list[T | str]:
+    """Answer every request in one ``call``; when the call fails because of some of them, split it
+    in halves until the failing requests are alone, and return their error text in their place.
 
     Only a :class:`RequestError` (the request's own content: over the context window, no token to
     score, input the server rejects) is isolated this way. Anything else (a rate limit, a server
@@ -55,13 +60,20 @@ async def score_isolated(
     if not requests:
         return []
     try:
-        return list(await client.score(requests))
+        return list(await call(requests))
     except RequestError as exc:
         if len(requests) == 1:
             return [f"{type(exc).__name__}: {exc}"]
     half = len(requests) // 2
-    first = await score_isolated(client, requests[:half])
-    return first + await score_isolated(client, requests[half:])
+    first = await isolated(call, requests[:half])
+    return first + await isolated(call, requests[half:])
+
+
+async def score_isolated(
+    client: ModelClient, requests: list[ScoreRequest]
+) -> list[ScoreResult | str]:
+    """:func:`isolated` over the client's teacher-forced ``score``."""
+    return await isolated(client.score, requests)
 
 
 def failed_judgment(judge: str, record: Record, cand_id: str, why: str, **fields: Any) -> Judgment:
@@ -72,6 +84,17 @@ def failed_judgment(judge: str, record: Record, cand_id: str, why: str, **fields
         error=f"record {record.id!r} candidate {cand_id!r}: {why}",
         **fields,
     )
+
+
+def record_failed(
+    stage: Stage, record: Record, cand_id: str, why: str, counter: str | None = None, **fields: Any
+) -> None:
+    """Append ``stage``'s failed judgment of one candidate and count it under ``failed`` (and
+    ``counter``, e.g. ``empty_response``, when given)."""
+    stage.counters["failed"] += 1
+    if counter:
+        stage.counters[counter] += 1
+    record.judgments.append(failed_judgment(stage.name, record, cand_id, why, **fields))
 
 
 def judged_response(record: Record, text: str) -> list[Message]:

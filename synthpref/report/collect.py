@@ -9,7 +9,6 @@ complete even when the last invocation resumed most shards; token and call count
 from __future__ import annotations
 
 import itertools
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,15 @@ import pyarrow.parquet as pq
 
 from synthpref.errors import DataError
 from synthpref.executor import checkpoints as ck
-from synthpref.executor.run_meta import RunInfo, RunMetaError, RunSummary, changed_files, load
+from synthpref.executor.run_meta import (
+    RunInfo,
+    RunMetaError,
+    RunSummary,
+    StageSummary,
+    changed_files,
+    json_object,
+    load,
+)
 from synthpref.metrics import cohen_kappa, pairwise_labels
 from synthpref.records import Record, records_from_arrow
 from synthpref.stages.pairs import candidate_scores
@@ -97,18 +104,12 @@ def check_run_dir(run_dir: Path, *, require_digests: bool = False) -> CheckedRun
 
 
 @dataclass
-class StageStats:
-    name: str
-    type: str
+class StageStats(StageSummary):
+    """A stage's numbers summed over every checkpoint of the run (``summary.json`` counts only the
+    last invocation's shards), with the stage's kind and where the numbers came from."""
+
     kind: str = ""
-    records_in: int = 0
-    records_out: int = 0
     shards: int = 0
-    counters: Counter = field(default_factory=Counter)
-    seconds: float = 0.0
-    calls: int = 0
-    tokens: int = 0
-    cache_hits: int = 0
     source: str = "checkpoints"
 
     @property
@@ -215,12 +216,9 @@ def _input_errors(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ReportError(f"{path}, line {n}: not valid JSON: {exc}") from None
-        if not isinstance(row, dict):
-            raise ReportError(f"{path}, line {n}: expected an object, got {type(row).__name__}")
-        out.append(row)
+            out.append(json_object(line, f"{path} line {n}"))
+        except RunMetaError as exc:
+            raise ReportError(str(exc)) from None
     return out
 
 
@@ -238,30 +236,21 @@ def _stages(run_dir: Path, run: RunInfo, summary: RunSummary) -> list[StageStats
         except UnknownStage:
             stage.kind = ""
         if info is not None:
-            stage.calls, stage.tokens, stage.cache_hits = info.calls, info.tokens, info.cache_hits
+            stage.add_calls(info.model_dump())
         folder = run_dir / "checkpoints" / ck.stage_dir_name(i, name, fp)
         shards = sorted(folder.glob("shard-*.parquet")) if folder.is_dir() else []
-        if shards:
-            for path in shards:
-                try:
-                    shard = ck.read_info(path)
-                except ck.CheckpointError as exc:
-                    raise ReportError(
-                        f"{exc}; rerun `synthpref run RECIPE` to recompute it"
-                    ) from None
-                stage.records_in += shard.get("records_in", 0)
-                stage.records_out += shard.get("records_out", 0)
-                stage.counters.update(shard.get("counters", {}))
-                stage.seconds += shard.get("seconds", 0.0)
-            stage.shards = len(shards)
-        elif info is not None:  # checkpoints deleted: the last invocation's summary is all there is
+        for path in shards:
+            try:
+                stage.add(ck.read_info(path), resumed=False)
+            except ck.CheckpointError as exc:
+                raise ReportError(f"{exc}; rerun `synthpref run RECIPE` to recompute it") from None
+        stage.shards = len(shards)
+        if not shards:
             stage.source = "summary"
-            stage.records_in = info.records_in
-            stage.records_out = info.records_out
-            stage.counters.update(info.counters)
-            stage.seconds = info.seconds
-        else:
-            stage.source = "summary"
+            if (
+                info is not None
+            ):  # checkpoints deleted: the last invocation's summary is all there is
+                stage.add(info.model_dump(), resumed=False)
         out.append(stage)
     return out
 

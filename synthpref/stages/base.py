@@ -82,6 +82,11 @@ class Stage(ABC):
     base_dir: Path | None = None
     """The recipe's folder, set by the loader: files the parameters name are relative to it
     (see :func:`synthpref.templates.find_recipe_file`); None means the working directory."""
+    model_params: ClassVar[tuple[str, ...]] = ()
+    """The parameters that name recipe models (one left None names none): what the default
+    :meth:`models_used` returns, so a stage told its models by name needs no method of its own."""
+    model_capability: ClassVar[Capability] = "generate"
+    """What the default :meth:`requirements` asks of each of those models."""
 
     def __init__(self, name: str, params: StageParams, ctx: StageContext | None = None) -> None:
         self.name = name
@@ -90,12 +95,20 @@ class Stage(ABC):
         self.counters: Counter[str] = Counter()
 
     def models_used(self) -> list[str]:
-        """Names of recipe models this stage calls (they join its fingerprint)."""
-        return []
+        """Names of recipe models this stage calls (they join its fingerprint); by default the
+        values of :attr:`model_params`, each once."""
+        names = (getattr(self.params, p) for p in self.model_params)
+        return list(dict.fromkeys(n for n in names if n is not None))
 
     def requirements(self) -> dict[str, set[Capability]]:
-        """Capabilities this stage needs from each model, checked when the recipe is validated."""
-        return {m: {"generate"} for m in self.models_used()}
+        """Capabilities this stage needs from each model, checked when the recipe is validated; by
+        default :attr:`model_capability` of every model it uses."""
+        return {m: {self.model_capability} for m in self.models_used()}
+
+    def model_client(self, name: str) -> ModelClient:
+        """The client of the recipe model ``name``; the executor attaches them before ``process``."""
+        assert self.ctx is not None, "stage used before the executor attached its context"
+        return self.ctx.model(name)
 
     def check(self, previous: list[Stage]) -> list[str]:
         """Problems with this stage's place in the recipe (e.g. a pair builder with no judge before it).

@@ -121,13 +121,11 @@ class Route(Stage):
     kind = "annotator"
     Params = RouteParams
     params: RouteParams
-
-    def models_used(self) -> list[str]:
-        return [self.params.model] if self.params.model else []
+    model_params = ("model",)
 
     def requirements(self) -> dict[str, set]:
-        need = {"score"} if self.params.method == "likelihood" else {"generate"}
-        return {m: set(need) for m in self.models_used()}
+        need = "score" if self.params.method == "likelihood" else "generate"
+        return {m: {need} for m in self.models_used()}
 
     def rules(self) -> list[Rule]:
         if self.params.rules is not None:
@@ -198,8 +196,7 @@ class Route(Stage):
         )
 
     async def _classify(self, records: list[Record]) -> None:
-        assert self.ctx is not None, "stage used before the executor attached its context"
-        client = self.ctx.model(self.params.model)  # type: ignore[arg-type]
+        client = self.model_client(self.params.model)  # type: ignore[arg-type]
         domains = self.params.domains
         if self.params.method == "likelihood":
             requests = [

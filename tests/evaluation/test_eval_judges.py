@@ -37,8 +37,8 @@ from synthpref.evaluation.run import build_report
 from synthpref.records import Candidate, Judgment, Message, Record
 from synthpref.sources import SourceError
 
-FIXTURES = Path(__file__).parent / "fixtures" / "evaldata"
-ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "evaldata"
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

@@ -36,7 +36,7 @@ from synthpref.recipes.loader import parse_recipe
 from synthpref.records import Message
 from tests.conftest import tiny_recipe
 from tests.fake_openai_server import FakeServer, error, ok
-from tests.test_density_ratio import client, record, run_stage
+from tests.judges.test_density_ratio import client, record, run_stage
 
 SIDES = {"default": Customisation(strong_system="Be expert.", weak_system="Be careless.")}
 FOLLOWUPS = {"clarity": FollowupSet(positive=["Clear, thanks."], negative=["I don't follow."])}

@@ -13,7 +13,7 @@ from synthpref.judges.jury import Jury, JuryParams
 from synthpref.recipes.loader import parse_recipe
 from synthpref.stages.pairs import BuildPairs, PairsParams
 from tests.conftest import tiny_recipe
-from tests.test_filters import _Named
+from tests.filters.test_filters import _Named
 
 GEN = _Named("gen", "generator")
 RATING = _Named("rating", "judge", (1.0, 5.0))

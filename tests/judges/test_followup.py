@@ -20,7 +20,7 @@ from synthpref.judges.followup import (
 )
 from synthpref.recipes.loader import RecipeError, parse_recipe
 from synthpref.records import Message
-from tests.test_density_ratio import (
+from tests.judges.test_density_ratio import (
     REPO,
     TOL,
     _recipe,
@@ -31,7 +31,7 @@ from tests.test_density_ratio import (
     reference_logprobs,
     run_stage,
 )
-from tests.test_density_ratio import scoring_backend as _scoring_backend
+from tests.judges.test_density_ratio import scoring_backend as _scoring_backend
 
 #: transformers always; vllm and openai (a real `vllm serve`) when vllm is installed
 scoring_backend = _scoring_backend

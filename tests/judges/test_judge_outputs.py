@@ -2,8 +2,8 @@
 before the judge kit (commit d8f6e05): hashes recorded from that code on a scripted model that answers
 in every form (labelled, pre-filled, JSON, garbage, with and without log-probabilities).
 
-A deliberate change to a judge's output updates ``fixtures/judge_outputs.json`` (run this module as a
-script) and says so in its commit; an accidental one fails here, naming the case and the part.
+A deliberate change to a judge's output updates ``tests/fixtures/judge_outputs.json`` (``python -m
+tests.judges.test_judge_outputs`` from the repository root re-records it) and says so in its commit; an accidental one fails here, naming the case and the part.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from synthpref.judges.rubric import RubricJudge, RubricParams
 from synthpref.records import Candidate, Message, Record
 from tests.judge_doubles import ScriptedBackend, client_for, prefill, prompt_text, run_stage
 
-FIXTURE = Path(__file__).parent / "fixtures" / "judge_outputs.json"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "judge_outputs.json"
 
 
 def recs():

@@ -11,7 +11,7 @@ from synthpref.metrics import cohen_kappa, kappa_from_confusion, kappas_from_cou
 from synthpref.recipes.loader import RecipeError, parse_recipe
 from synthpref.records import Judgment
 from tests.conftest import tiny_recipe
-from tests.test_pairwise import make_record
+from tests.judges.test_pairwise import make_record
 
 # kappa ----------------------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from synthpref.records import Candidate, Message, Record
 from synthpref.stages.base import StageContext
 from synthpref.stages.router import Route, RouteParams, parse_domain
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TOL = 1e-3  # nats per token
 
 

@@ -16,7 +16,7 @@ from synthpref.judges.prometheus import (
 from synthpref.recipes.loader import RecipeError, parse_recipe
 from tests.conftest import tiny_recipe
 from tests.judge_doubles import ScriptedBackend, client_for, prompt_text, run_stage
-from tests.test_pairwise import make_record
+from tests.judges.test_pairwise import make_record
 
 RUBRIC = {
     "criteria": "Is the answer correct?",

@@ -345,7 +345,7 @@ def test_dedup_across_shards_is_exact_under_resume(tmp_path):
         [TEXTS[0], NEAR, "Name three rivers in Africa.", "How do magnets work?",
          TEXTS[2], TEXTS[3], "Explain photosynthesis briefly."]
     )]  # fmt: skip
-    stages = [{"type": "dedup", "threshold": 0.7}, {"type": "tests.test_filters:Interrupt"}]
+    stages = [{"type": "dedup", "threshold": 0.7}, {"type": "tests.filters.test_filters:Interrupt"}]
     flag = Path(__file__).parent / ".interrupt-flag"
     flag.write_text("r2")
     try:

@@ -18,8 +18,8 @@ from synthpref.records import records_from_arrow
 from synthpref.stages.registry import UnknownStage, resolve_stage
 from tests.conftest import tiny_recipe, write_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
-PLUGIN = Path(__file__).parent / "fixtures" / "plugin_pkg"
+ROOT = Path(__file__).resolve().parents[2]
+PLUGIN = Path(__file__).resolve().parents[1] / "fixtures" / "plugin_pkg"
 STYLE = "Plain English, short sentences."
 
 

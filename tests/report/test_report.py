@@ -103,3 +103,14 @@ def test_report_rejects_incomplete_run_dirs(run_dir, tmp_path):
     result = runner.invoke(app, ["report", str(partial)])
     assert result.exit_code == 1
     assert "the 'kto' output" in result.output and "missing" in result.output
+
+
+def test_report_names_the_line_of_a_malformed_errors_file(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "errors.jsonl").write_text('{"row": 1}\n\n[2]\n')
+    with pytest.raises(ReportError, match=r"errors\.jsonl line 3 holds a JSON list, not an object"):
+        build_report(copy)
+    (copy / "errors.jsonl").write_text('{"row": 1\n')
+    with pytest.raises(ReportError, match=r"errors\.jsonl line 1 is not valid JSON: "):
+        build_report(copy)
