@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from synthpref.backends.base import BackendError, CapabilityError, OnRewarded, RequestError
 from synthpref.backends.openai_backend import _preview, _server_message
-from synthpref.backends.turns import fit_turns
+from synthpref.backends.turns import fit_turns_async
 from synthpref.backends.types import RewardRequest, RewardResult
 from synthpref.records import Message
 
@@ -54,14 +54,6 @@ EXPECTED = (
     "a pooling server of a sequence-classification reward model, e.g. `vllm serve <reward model "
     "dir> --runner pooling` (its config.json naming architectures: [...ForSequenceClassification])"
 )
-
-
-class _Uncounted(Exception):
-    """``fit_turns`` asked for the token count of messages not tokenized yet."""
-
-    def __init__(self, messages: list[Message]) -> None:
-        super().__init__()
-        self.messages = messages
 
 
 def server_root(base_url: str | None) -> str:
@@ -118,27 +110,22 @@ async def _fit(
     tokenize: Callable[[int, list[Message]], Awaitable[list[int]]],
     window: int | None,
 ) -> tuple[list[int], int]:
-    """(the token ids of what fits, the turns dropped): ``fit_turns`` itself, fed counts that may
-    need a network call. It asks for a count it does not have by raising :class:`_Uncounted`; the
-    ids are fetched and the (cheap, deterministic) fit is run again, until it needs none."""
+    """(the token ids of what fits, the turns dropped): the one truncation rule, counting with
+    token ids that may need a network call (each conversation tokenized once)."""
     ids_of: dict[str, list[int]] = {}
 
-    def count(messages: list[Message]) -> int:
+    async def count(messages: list[Message]) -> int:
         key = _key(messages)
         if key not in ids_of:
-            raise _Uncounted(list(messages))
+            ids_of[key] = await tokenize(i, messages)
         return len(ids_of[key])
 
     limit = window if window is not None else sys.maxsize  # unknown: the server checks
-    while True:
-        try:
-            kept, dropped, _ = fit_turns(req.messages, count, limit, req.truncation)
-        except _Uncounted as need:
-            ids_of[_key(need.messages)] = await tokenize(i, need.messages)
-            continue
-        except RequestError as exc:
-            raise RequestError(f"reward request {i}: {exc}", index=i) from exc
-        return ids_of[_key(kept)], dropped
+    try:
+        kept, dropped, _ = await fit_turns_async(req.messages, count, limit, req.truncation)
+    except RequestError as exc:
+        raise RequestError(f"reward request {i}: {exc}", index=i) from exc
+    return ids_of[_key(kept)], dropped
 
 
 def _key(messages: Sequence[Message]) -> str:

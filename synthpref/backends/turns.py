@@ -9,10 +9,26 @@ tokens with its own tokenizer, so the same request is cut the same way everywher
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from synthpref.backends.base import RequestError
 from synthpref.records import Message
+
+
+def cuts(messages: Sequence[Message], policy: str) -> Iterator[tuple[list[Message], int]]:
+    """The conversations to try, longest first, with how many messages each dropped: the whole
+    one, then (with ``drop_oldest_turns``) one oldest exchange fewer at a time, down to the system
+    message, the last user turn and the reply."""
+    kept = list(messages)
+    dropped = 0
+    yield kept, dropped
+    start = 1 if kept and kept[0].role == "system" else 0
+    while policy == "drop_oldest_turns" and len(kept) - start > 2:
+        cut = 2 if kept[start].role == "user" and kept[start + 1].role == "assistant" else 1
+        cut = min(cut, len(kept) - start - 2)
+        kept = kept[:start] + kept[start + cut :]
+        dropped += cut
+        yield kept, dropped
 
 
 def fit_turns(
@@ -26,23 +42,33 @@ def fit_turns(
     ``policy`` is ``"error"`` (nothing is dropped) or ``"drop_oldest_turns"``. Raises
     :class:`RequestError` when the conversation cannot fit (or may not be cut).
     """
-    kept = list(messages)
-    tokens = count_tokens(kept)
-    dropped = 0
-    start = 1 if kept and kept[0].role == "system" else 0
-    while tokens > limit and policy == "drop_oldest_turns" and len(kept) - start > 2:
-        cut = 2 if kept[start].role == "user" and kept[start + 1].role == "assistant" else 1
-        cut = min(cut, len(kept) - start - 2)
-        del kept[start : start + cut]
-        dropped += cut
+    for kept, dropped in cuts(messages, policy):
         tokens = count_tokens(kept)
-    if tokens > limit:
-        how = (
-            "even with only the last exchange left"
-            if policy == "drop_oldest_turns"
-            else "(truncation: error; drop_oldest_turns would cut the oldest turns)"
-        )
-        raise RequestError(
-            f"the conversation is {tokens} tokens, over the model's {limit}-token context {how}"
-        )
-    return kept, dropped, tokens
+        if tokens <= limit:
+            return kept, dropped, tokens
+    raise too_long(tokens, limit, policy)
+
+
+async def fit_turns_async(
+    messages: Sequence[Message],
+    count_tokens: Callable[[list[Message]], Awaitable[int]],
+    limit: int,
+    policy: str,
+) -> tuple[list[Message], int, int]:
+    """:func:`fit_turns` with a count that needs a call (a server's ``/tokenize``)."""
+    for kept, dropped in cuts(messages, policy):
+        tokens = await count_tokens(kept)
+        if tokens <= limit:
+            return kept, dropped, tokens
+    raise too_long(tokens, limit, policy)
+
+
+def too_long(tokens: int, limit: int, policy: str) -> RequestError:
+    how = (
+        "even with only the last exchange left"
+        if policy == "drop_oldest_turns"
+        else "(truncation: error; drop_oldest_turns would cut the oldest turns)"
+    )
+    return RequestError(
+        f"the conversation is {tokens} tokens, over the model's {limit}-token context {how}"
+    )
