@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from synthpref.backends.openai_backend import missing_key
 from synthpref.errors import DataError
 from synthpref.recipes.loader import LoadedRecipe, RecipeError, load_recipe, parse_recipe
 
@@ -60,7 +59,7 @@ def api_key_notes(loaded: LoadedRecipe) -> tuple[list[str], list[str]]:
             continue
         where = f"models.{name}.api_key_env"
         base_url = getattr(spec, "base_url", None)
-        problem = missing_key(env, base_url)
+        problem = spec.missing_key()
         if problem:
             problems.append(f"{where}: {problem}")
         elif not _is_local(base_url):

@@ -37,6 +37,9 @@ class Candidate(BaseModel):
     completion_tokens: int | None = None
     finish_reason: str | None = None
     stage: str = ""
+    reasoning: str | None = Field(
+        None, description="a reasoning model's reasoning; ``text`` is the answer alone"
+    )
 
 
 class Judgment(BaseModel):
@@ -109,6 +112,7 @@ _CANDIDATE = pa.struct(
         ("completion_tokens", pa.int64()),
         ("finish_reason", pa.string()),
         ("stage", pa.string()),
+        ("reasoning", pa.string()),  # absent from checkpoints written before it: read as None
     ]
 )
 _JUDGMENT = pa.struct(

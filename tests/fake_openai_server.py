@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 Reply = tuple[int, dict[str, Any]]
-Behaviour = Callable[[str, dict[str, Any]], Reply]
+#: a reply with extra response headers, e.g. ``Retry-After`` (a behaviour may return either shape)
+ReplyWithHeaders = tuple[int, dict[str, Any], dict[str, str]]
+Behaviour = Callable[[str, dict[str, Any]], Reply | ReplyWithHeaders]
 
 
 def token_logprob(token_id: int) -> float:
@@ -50,11 +53,47 @@ def ok(path: str, body: dict[str, Any]) -> Reply:
     return 200, _completion("chat.completion", [choice], usage)
 
 
+def reasoning_reply(
+    reasoning: str,
+    content: str | None,
+    field: str = "reasoning_content",
+    finish_reason: str = "stop",
+) -> Behaviour:
+    """A reasoning model's chat answer, its reasoning apart from its content as vLLM's reasoning
+    parsers and DeepSeek send it (``field="reasoning"``: OpenRouter's and newer vLLM's name;
+    ``content`` None: cut while still reasoning). Other paths answer as :func:`ok`."""
+
+    def behaviour(path: str, body: dict[str, Any]) -> Reply:
+        if not path.endswith("/chat/completions"):
+            return ok(path, body)
+        message = {"role": "assistant", "content": content, field: reasoning}
+        choice = {"index": 0, "message": message, "finish_reason": finish_reason}
+        usage = {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}
+        return 200, _completion("chat.completion", [choice], usage)
+
+    return behaviour
+
+
 def error(status: int, message: str, param: str | None = None, code: Any = None) -> Reply:
     """An error body in the shape OpenAI and vLLM send: ``{"error": {message, type, param, code}}``."""
     return status, {
         "error": {"message": message, "type": "Error", "param": param, "code": code or status}
     }
+
+
+def with_headers(reply: Reply, **headers: str) -> ReplyWithHeaders:
+    """``reply`` sent with extra headers; ``retry_after_ms="500"`` becomes ``retry-after-ms: 500``."""
+    return reply[0], reply[1], {k.replace("_", "-"): v for k, v in headers.items()}
+
+
+def chat_reply(texts: list[str], prompt_tokens: int = 10) -> Reply:
+    """A chat completion with one choice per text, in order."""
+    choices = [
+        {"index": k, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+        for k, t in enumerate(texts)
+    ]
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(texts), "total_tokens": 0}
+    return 200, _completion("chat.completion", choices, usage)
 
 
 def _completion(obj: str, choices: list, usage: dict) -> dict[str, Any]:
@@ -71,12 +110,14 @@ def _completion(obj: str, choices: list, usage: dict) -> dict[str, Any]:
 class FakeServer:
     """``with FakeServer(behaviour) as server:`` serves on ``server.base_url`` until the block ends.
 
-    ``requests`` lists every (path, body) received, failed ones included.
+    ``requests`` lists every (path, body) received, failed ones included; ``received`` the
+    ``time.monotonic()`` at which each arrived, in the same order.
     """
 
     def __init__(self, behaviour: Behaviour = ok) -> None:
         self.behaviour = behaviour
         self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.received: list[float] = []
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
@@ -104,16 +145,21 @@ class FakeServer:
                 body = json.loads(self.rfile.read(length) or b"{}")
                 with server._lock:
                     server.requests.append((self.path, body))
-                status, reply = server.behaviour(self.path, body)
-                self._send(status, reply)
+                    server.received.append(time.monotonic())
+                status, reply, *headers = server.behaviour(self.path, body)
+                self._send(status, reply, headers[0] if headers else None)
 
             def do_GET(self) -> None:
                 self._send(*error(404, f"no route {self.path}"))
 
-            def _send(self, status: int, reply: dict[str, Any]) -> None:
+            def _send(
+                self, status: int, reply: dict[str, Any], headers: dict[str, str] | None = None
+            ) -> None:
                 data = json.dumps(reply).encode()
                 try:
                     self.send_response(status)
+                    for name, value in (headers or {}).items():
+                        self.send_header(name, value)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pyarrow as pa
+
 from synthpref.records import (
     Candidate,
     Judgment,
@@ -39,3 +41,25 @@ def test_arrow_round_trip_keeps_everything():
     back = records_from_arrow(table)
     assert back[0] == record
     assert back[1].candidates == []
+
+
+def test_reasoning_round_trips_and_old_checkpoints_without_it_load():
+    record = Record(
+        id="r",
+        prompt=[Message(role="user", content="2+2?")],
+        candidates=[
+            Candidate(id="c1", model="m", text="4", reasoning="two and two"),
+            Candidate(id="c2", model="m", text="4"),
+        ],
+    )
+    table = records_to_arrow([record])
+    assert records_from_arrow(table) == [record]
+    # a checkpoint written before candidates had a reasoning column
+    rows = table.to_pylist()
+    for c in rows[0]["candidates"]:
+        del c["reasoning"]
+    old = pa.Table.from_pylist(rows)
+    assert "reasoning" not in str(old.schema)
+    [back] = records_from_arrow(old)
+    assert [c.reasoning for c in back.candidates] == [None, None]
+    assert [c.text for c in back.candidates] == ["4", "4"]

@@ -240,8 +240,8 @@ def test_listing_backends_and_formats_imports_neither_torch_nor_vllm():
 
 def test_every_builtin_backend_is_listed_with_its_settings_described():
     catalogue = cli_json("backends")
-    assert {"embedded", "transformers", "vllm", "openai"} <= set(catalogue)
-    for name in ("embedded", "transformers", "vllm", "openai"):
+    assert {"embedded", "transformers", "vllm", "openai", "anthropic"} <= set(catalogue)
+    for name in ("embedded", "transformers", "vllm", "openai", "anthropic"):
         info = catalogue[name]
         assert info["doc"] and info["source"] == "built-in" and info["error"] is None
         assert "backend" not in info["params"]

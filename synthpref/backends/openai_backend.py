@@ -22,15 +22,26 @@ tokenizer (``tokenizer:``); without one the backend cannot score, as with the Op
 An ``AsyncOpenAI`` client is opened per ``generate``/``score`` call rather than once per backend: its
 connection pool belongs to the event loop that created it, and callers may run each stage in a fresh
 loop.
+
+Hosted APIs differ from OpenAI in ways a run must survive without configuration: a 429 or 503 may carry
+``Retry-After`` (seconds or an HTTP date) or ``retry-after-ms``, which the retry waits at least and which
+holds every request not yet sent (:mod:`synthpref.backends.rate_limit`); optional
+``requests_per_minute``/``tokens_per_minute`` caps space the sends so the provider's limits are not hit
+in the first place; and a server that rejects ``n > 1`` (Anthropic's OpenAI-compatible endpoint and
+several hosts) gets each such request as ``n`` single requests, seeds ``seed + k``, once it has said so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import logging
+import math
 import os
+import random
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timezone
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
@@ -47,8 +58,9 @@ from synthpref.backends.base import (
     RequestError,
     TransientBackendError,
 )
+from synthpref.backends.rate_limit import RateLimiter
 from synthpref.backends.segments import SegmentError, render_segment
-from synthpref.backends.specs import VOLATILE, ModelSpec
+from synthpref.backends.specs import VOLATILE, ModelSpec, missing_api_key
 from synthpref.backends.types import (
     Completion,
     GenerationRequest,
@@ -130,8 +142,28 @@ class OpenAISpec(ModelSpec):
         5,
         ge=0,
         json_schema_extra=VOLATILE,
-        description="retries of a rate-limited, failed or timed-out call (exponential back-off) "
-        "before the shard stops",
+        description="retries of a rate-limited, failed or timed-out call (exponential back-off, "
+        "at least the server's Retry-After) before the shard stops",
+    )
+    requests_per_minute: float | None = Field(
+        None,
+        gt=0,
+        description="client-side cap on requests sent per minute (sends evenly spaced, no burst); "
+        "unset: none",
+        json_schema_extra=VOLATILE,
+    )
+    tokens_per_minute: float | None = Field(
+        None,
+        gt=0,
+        description="client-side cap on tokens per minute, counted before sending as the prompt's "
+        "tokens (by tokenizer: when set, else characters / 4) plus max_tokens times n; unset: none",
+        json_schema_extra=VOLATILE,
+    )
+    supports_n: bool | None = Field(
+        None,
+        description="whether the server accepts n > 1 in one request; unset: try, and if it answers "
+        "400 about n, send each such request as n single requests with seeds seed, seed+1, ... "
+        "(remembered per backend); false: always split",
     )
 
     @model_validator(mode="after")
@@ -139,6 +171,9 @@ class OpenAISpec(ModelSpec):
         if self.task == "reward" and self.base_url is None:
             raise ValueError("task: reward needs base_url: a vllm serve --runner pooling server")
         return self
+
+    def missing_key(self) -> str | None:
+        return missing_key(self.api_key_env, self.base_url)
 
     def build(self) -> Backend:
         return OpenAIBackend(
@@ -153,6 +188,9 @@ class OpenAISpec(ModelSpec):
             adaptive_concurrency=self.adaptive_concurrency,
             timeout=self.timeout,
             max_retries=self.max_retries,
+            requests_per_minute=self.requests_per_minute,
+            tokens_per_minute=self.tokens_per_minute,
+            supports_n=self.supports_n,
         )
 
     def capabilities(self) -> frozenset[str]:
@@ -165,10 +203,14 @@ class OpenAISpec(ModelSpec):
         return self.model
 
     def result_fields(self) -> dict[str, Any]:
-        """``task`` enters only when it is reward: generating specs keep their fingerprints."""
+        """``task`` enters only when it is reward and ``supports_n`` only when set: specs that use
+        neither keep their fingerprints. A forced split (``supports_n: false``) on a server that
+        accepts ``n`` draws other samples than one request would, so a set value is result-affecting."""
         out = super().result_fields()
         if out.get("task") == "generate":
             del out["task"]
+        if out.get("supports_n") is None:
+            out.pop("supports_n", None)
         return out
 
     def weights_identity(self) -> str | None:
@@ -190,15 +232,9 @@ def load_tokenizer(path: str):
 
 
 def missing_key(env: str, base_url: str | None) -> str | None:
-    """Why a model cannot be called for want of a key, or None: only the OpenAI API itself (no
-    ``base_url``) requires one; a self-hosted server usually needs none. Checked before a run
-    (``synthpref.checks``) and again when the backend is built."""
-    if base_url is not None or os.environ.get(env):
-        return None
-    return (
-        f"the OpenAI API needs a key: set the environment variable {env} (or point "
-        "api_key_env at the variable that holds it), or set base_url for a local server"
-    )
+    """Only the OpenAI API itself (no ``base_url``) requires a key; a self-hosted server usually
+    needs none (see :func:`~synthpref.backends.specs.missing_api_key`)."""
+    return missing_api_key("OpenAI", env, base_url, "a local server")
 
 
 class OpenAIBackend(Backend):
@@ -206,7 +242,9 @@ class OpenAIBackend(Backend):
 
     ``peak_in_flight`` and ``retries`` count what happened on this object (the most requests that
     were awaiting the server at once, and the retried attempts): progress reports and tests read them.
-    ``window`` is the in-flight controller (its ``size`` now, its ``shrinks`` by reason).
+    ``window`` is the in-flight controller (its ``size`` now, its ``shrinks`` by reason), ``limiter``
+    the rate caps and server-requested pauses (its ``waited`` seconds), ``supports_n`` whether the
+    server takes ``n > 1`` (None until the first such request finds out, unless configured).
     """
 
     #: what every instance can do; ``supports`` adds "score" when a tokenizer is configured
@@ -231,6 +269,10 @@ class OpenAIBackend(Backend):
         max_retries: int = 5,
         retry_initial_wait: float = 1.0,
         retry_max_wait: float = 60.0,
+        retry_after_max: float = 600.0,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        supports_n: bool | None = None,
     ) -> None:
         self.model = model
         self.task = task
@@ -243,6 +285,11 @@ class OpenAIBackend(Backend):
         self.max_retries = max_retries
         self.retry_initial_wait = retry_initial_wait
         self.retry_max_wait = retry_max_wait
+        #: a server's Retry-After longer than this is not waited: the call fails as transient (the
+        #: shard stops, a rerun retries) rather than hold a stage for longer
+        self.retry_after_max = retry_after_max
+        self.limiter = RateLimiter(requests_per_minute, tokens_per_minute)
+        self.supports_n = supports_n
         self.api_key_env = api_key_env
         self._api_key = api_key if api_key is not None else self._key_from_env(api_key_env)
         self._context_checked = max_context is not None
@@ -343,18 +390,100 @@ class OpenAIBackend(Backend):
         if not requests:
             return []
         async with self._client() as client:
+            # While support for n > 1 is unknown, the first such request asks alone and the others
+            # wait for its answer, so a server that rejects n answers 400 once per call, not once
+            # per request in flight.
+            probe = asyncio.Lock()
 
             async def one(i: int) -> GenerationResult:
-                kwargs = self._chat_kwargs(requests[i])
-                resp = await self._call(
-                    i,
-                    lambda: client.chat.completions.create(**kwargs),
-                    # latency is judged against requests of the same size
-                    kind=f"chat:n={requests[i].params.n}:max_tokens={requests[i].params.max_tokens}",
-                )
-                return self._parse_chat(i, requests[i], resp)
+                req = requests[i]
+                if req.params.n > 1 and self.supports_n is None:
+                    async with probe:
+                        if self.supports_n is None:
+                            return await self._probe_n(client, i, req)
+                if req.params.n > 1 and self.supports_n is False:
+                    return await self._chat_split(client, i, req)
+                return await self._chat(client, i, req)
 
             return await self._run_all(len(requests), one, on_result)
+
+    async def _chat(self, client: AsyncOpenAI, i: int, req: GenerationRequest) -> GenerationResult:
+        """Request ``i`` as one chat completion call."""
+        kwargs = self._chat_kwargs(req)
+        resp = await self._call(
+            i,
+            lambda: client.chat.completions.create(**kwargs),
+            # latency is judged against requests of the same size
+            kind=f"chat:n={req.params.n}:max_tokens={req.params.max_tokens}",
+            tokens=self._token_estimate(req),
+        )
+        return self._parse_chat(i, req, resp)
+
+    async def _probe_n(
+        self, client: AsyncOpenAI, i: int, req: GenerationRequest
+    ) -> GenerationResult:
+        """Ask with ``n > 1`` once; a 400 about ``n`` marks this backend as splitting from now on."""
+        try:
+            result = await self._chat(client, i, req)
+        except BackendError as err:
+            if not rejects_n(err.__cause__):
+                raise
+            log.warning(
+                "%s rejects n > 1 (%s); each request for n samples is sent as n single requests "
+                "from now on, seeds seed, seed+1, ... (set supports_n: false to skip this probe)",
+                self.where,
+                _server_message(err.__cause__),
+            )
+            self.supports_n = False
+            return await self._chat_split(client, i, req)
+        self.supports_n = True
+        return result
+
+    async def _chat_split(
+        self, client: AsyncOpenAI, i: int, req: GenerationRequest
+    ) -> GenerationResult:
+        """Request ``i``'s ``n`` samples as ``n`` single requests, sample ``k`` with seed
+        ``seed + k`` (no seed stays no seed), their completions in sample order.
+
+        ``seed + k`` is this backend's own rule: the transformers backend derives a sample's seed
+        by hashing (``row_sampling.row_seed``), which a server cannot reproduce anyway. So a split
+        request for seed ``s`` shares its samples with requests for seeds ``s+1``, ``s+2`` ...,
+        as ``n`` separate requests of a generate stage with consecutive seeds would.
+        ``prompt_tokens`` is the prompt's length, once, as for an unsplit request, though the
+        server was sent (and bills) the prompt ``n`` times.
+        """
+        p = req.params
+        singles = [
+            req.model_copy(
+                update={
+                    "params": p.model_copy(
+                        update={"n": 1, "seed": None if p.seed is None else p.seed + k}
+                    )
+                }
+            )
+            for k in range(p.n)
+        ]
+        parts = await self._run_all(len(singles), lambda k: self._chat(client, i, singles[k]), None)
+        return GenerationResult(
+            completions=[part.completions[0] for part in parts],
+            prompt_tokens=parts[0].prompt_tokens,
+        )
+
+    def _token_estimate(self, req: GenerationRequest) -> int:
+        """What a request counts against ``tokens_per_minute`` before it is sent: its prompt's
+        tokens (by the local tokenizer when one is configured, else characters / 4, rounded up; the
+        chat template's few tokens per message are not counted) plus ``max_tokens`` for each of its
+        ``n`` samples, as providers count it. 0 when no token cap is set (nothing is tokenized)."""
+        if self.limiter.tokens_per_minute is None:
+            return 0
+        if self.tokenizer_path is not None:
+            tok = self.tokenizer
+            prompt = sum(
+                len(tok(m.content, add_special_tokens=False).input_ids) for m in req.messages
+            )
+        else:
+            prompt = -(-sum(len(m.content) for m in req.messages) // 4)
+        return prompt + req.params.max_tokens * req.params.n
 
     def _chat_kwargs(self, req: GenerationRequest) -> dict[str, Any]:
         p = req.params
@@ -398,7 +527,8 @@ class OpenAIBackend(Backend):
         if len(choices) != req.params.n:
             raise BackendError(
                 f"request {i}: asked {self.where} for n={req.params.n} completions, got "
-                f"{len(choices)}; the server may not support n > 1"
+                f"{len(choices)}; the server may not support n > 1: set supports_n: false in the "
+                "model spec to send n single requests"
             )
         usage = getattr(resp, "usage", None)
         total_completion = getattr(usage, "completion_tokens", None)
@@ -408,6 +538,15 @@ class OpenAIBackend(Backend):
             text = getattr(message, "content", None)
             if text is None:
                 text = getattr(message, "refusal", None)  # a refusal is an answer, not a failure
+            # A reasoning model's reasoning, apart from its answer: vLLM's and DeepSeek's field, or
+            # OpenRouter's and newer vLLM's; an answer cut while still reasoning has no content.
+            reasoning = getattr(message, "reasoning_content", None)
+            if not isinstance(reasoning, str):
+                reasoning = getattr(message, "reasoning", None)
+            if not isinstance(reasoning, str):
+                reasoning = None
+            elif text is None:
+                text = ""
             if not isinstance(text, str):
                 raise BackendError(
                     f"request {i}: choice {k} from {self.where} has no text content; "
@@ -441,6 +580,7 @@ class OpenAIBackend(Backend):
                     finish_reason=choice.finish_reason or "stop",
                     completion_tokens=n_tokens,
                     top_logprobs=top,
+                    reasoning=reasoning,
                 )
             )
         prompt_tokens = getattr(usage, "prompt_tokens", None)
@@ -477,6 +617,7 @@ class OpenAIBackend(Backend):
                         temperature=0.0,
                     ),
                     kind="score",
+                    tokens=len(seg.token_ids) + 1,
                 )
                 return ScoreResult(
                     token_logprobs=self._prompt_logprobs(
@@ -570,36 +711,69 @@ class OpenAIBackend(Backend):
             raise
         return results  # type: ignore[return-value]
 
-    async def _call(self, i: int, fn: Callable[[], Awaitable[T]], kind: str = "") -> T:
-        """One HTTP call with retries on transient failures; anything else becomes a BackendError."""
+    async def _call(
+        self, i: int, fn: Callable[[], Awaitable[T]], kind: str = "", tokens: int = 0
+    ) -> T:
+        """One HTTP call with retries on transient failures; anything else becomes a BackendError.
+
+        Each attempt holds a place in the in-flight window, then waits for the rate caps (``tokens``:
+        its estimate, see :meth:`_token_estimate`) and for any pause a server asked for. A retry
+        waits the exponential back-off, or the server's ``Retry-After`` plus jitter when that is
+        longer; a ``Retry-After`` over ``retry_after_max`` is not waited: the call fails at once.
+        """
         from tenacity import (
             AsyncRetrying,
             RetryCallState,
             retry_if_exception,
-            stop_after_attempt,
             wait_exponential,
             wait_random,
         )
+
+        def asked(state: RetryCallState) -> float | None:
+            return retry_after(state.outcome.exception()) if state.outcome else None
+
+        # initial * 2**k plus up to `initial` of jitter, so concurrent retries spread out
+        backoff = wait_exponential(
+            multiplier=self.retry_initial_wait, max=self.retry_max_wait
+        ) + wait_random(0, self.retry_initial_wait)
+
+        def wait(state: RetryCallState) -> float:
+            base = backoff(state)
+            told = asked(state)
+            if told is None:
+                return base
+            # at least what the server asked, plus jitter so the requests it told do not return
+            # together
+            return max(base, told + random.uniform(0, self.retry_initial_wait))
+
+        def stop(state: RetryCallState) -> bool:
+            told = asked(state)
+            return state.attempt_number > self.max_retries or (
+                told is not None and told > self.retry_after_max
+            )
 
         def before_sleep(state: RetryCallState) -> None:
             self.retries += 1
             exc = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0.0
+            told = asked(state)
+            if told:
+                # the server asked this client to wait: hold the requests not yet sent too
+                self.limiter.pause(told)
             log.warning(
-                "request %d to %s failed (%s), retry %d of %d in %.1fs",
+                "request %d to %s failed (%s), retry %d of %d in %.1fs%s",
                 i,
                 self.where,
                 _describe(exc),
                 state.attempt_number,
                 self.max_retries,
                 wait,
+                f" (the server asked for {told:.1f}s)" if told is not None else "",
             )
 
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_retries + 1),
-            # initial * 2**k plus up to `initial` of jitter, so concurrent retries spread out
-            wait=wait_exponential(multiplier=self.retry_initial_wait, max=self.retry_max_wait)
-            + wait_random(0, self.retry_initial_wait),
+            stop=stop,
+            wait=wait,
             retry=retry_if_exception(is_transient),
             before_sleep=before_sleep,
             reraise=True,
@@ -608,7 +782,7 @@ class OpenAIBackend(Backend):
             async for attempt in retrying:
                 with attempt:
                     # one place in the window per attempt: backoff sleeps do not hold one
-                    async with self._gate.slot(kind):
+                    async with self._gate.slot(kind, ready=lambda: self.limiter.acquire(tokens)):
                         return await fn()
         except BackendError:
             raise
@@ -647,7 +821,16 @@ class OpenAIBackend(Backend):
                     "after its path unless --served-model-name is given; see GET /v1/models)"
                 )
             elif status == 429:
-                msg += "; lower max_concurrency or raise max_retries"
+                msg += (
+                    "; lower max_concurrency, set requests_per_minute or tokens_per_minute, or "
+                    "raise max_retries"
+                )
+            told = retry_after(exc)
+            if told is not None and told > self.retry_after_max:
+                msg += (
+                    f"; it asked to wait {told:.0f}s, longer than this backend waits "
+                    f"({self.retry_after_max:.0f}s): run again later"
+                )
             return msg
         return f"request {i} to {self.where} failed{tries}: {_describe(exc)}"
 
@@ -685,6 +868,59 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, APIStatusError):
         return exc.status_code == 429 or exc.status_code >= 500
     return False
+
+
+def retry_after(exc: BaseException | None) -> float | None:
+    """Seconds the server asked the client to wait before trying again, from a failed response's
+    headers: ``retry-after-ms`` (OpenAI), else ``Retry-After`` as seconds or as an HTTP date
+    (RFC 9110); None when it said nothing usable. A date in the past is 0."""
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms) / 1000
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value):
+            return max(0.0, value)
+    text = headers.get("retry-after")
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        value = (when - datetime.now(timezone.utc)).total_seconds()
+    return max(0.0, value) if math.isfinite(value) else None
+
+
+#: a standalone ``n`` in an error message: "n: must be exactly 1", "'n' must be 1", "only n=1"
+_N_IN_MESSAGE = re.compile(r"(?<![\w.\[])[`'\"]?n[`'\"]?(?![\w.\[])")
+
+
+def rejects_n(exc: BaseException | None) -> bool:
+    """Whether a failed chat call was the server refusing ``n > 1``: HTTP 400 naming ``param: n``.
+
+    Only when the server names no ``param`` at all is the message read, for a standalone ``n``
+    (Anthropic's OpenAI-compatible endpoint documents "n must be exactly 1" and several hosts answer
+    likewise without a param). Reading wording is a last resort: a structured ``param`` always
+    decides. A wrong guess costs little: the request is sent as ``n`` single ones, which fail again
+    with the server's own error if it was about something else.
+    """
+    from openai import APIStatusError
+
+    if not isinstance(exc, APIStatusError) or exc.status_code != 400:
+        return False
+    if exc.param is not None:
+        return exc.param == "n"
+    return bool(_N_IN_MESSAGE.search(_server_message(exc)))
 
 
 def overload_signal(exc: BaseException) -> Signal:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,6 +38,11 @@ class ModelSpec(BaseModel):
 
     def build(self) -> Backend:
         raise NotImplementedError
+
+    def missing_key(self) -> str | None:
+        """Why this model cannot be called for want of an API key, or None (the default: it needs
+        none). Checked before a run (``synthpref.checks``) and when the backend is built."""
+        return None
 
     def capabilities(self) -> frozenset[str]:
         """What the built backend will support, known without loading weights or connecting."""
@@ -108,6 +114,7 @@ BUILTIN_BACKENDS = {
     "transformers": "synthpref.backends.builtin:TransformersSpec",
     "vllm": "synthpref.backends.vllm_backend:VLLMSpec",
     "openai": "synthpref.backends.openai_backend:OpenAISpec",
+    "anthropic": "synthpref.backends.anthropic_backend:AnthropicSpec",
 }
 
 BACKENDS: Registry[type[ModelSpec]] = Registry(
@@ -154,3 +161,14 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
+
+
+def missing_api_key(provider: str, env: str, base_url: str | None, without: str) -> str | None:
+    """The one rule for hosted APIs: the provider's own endpoint (no ``base_url``) needs the key in
+    ``env``; a ``base_url`` (``without`` says what it is for) may do without."""
+    if base_url is not None or os.environ.get(env):
+        return None
+    return (
+        f"the {provider} API needs a key: set the environment variable {env} (or point "
+        f"api_key_env at the variable that holds it), or set base_url for {without}"
+    )

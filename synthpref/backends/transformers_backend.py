@@ -30,6 +30,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, ClassVar
 
 from synthpref.backends.base import Backend, Capability, OnGenerated, OnScored
+from synthpref.backends.reasoning import split_reasoning
 from synthpref.backends.segments import render_segment
 from synthpref.backends.types import (
     Completion,
@@ -341,7 +342,14 @@ class TransformersBackend(Backend):
                 {tok.decode([i]): v for v, i in zip(vals[k], idx[k], strict=True)}
                 for k in range(end)
             ]
-        return Completion(text=text, finish_reason=finish, completion_tokens=end, top_logprobs=top)
+        answer, reasoning = split_reasoning(text)
+        return Completion(
+            text=answer,
+            reasoning=reasoning,
+            finish_reason=finish,
+            completion_tokens=end,
+            top_logprobs=top,
+        )
 
     # scoring ----------------------------------------------------------------------------------
 

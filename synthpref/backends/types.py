@@ -55,6 +55,11 @@ class Completion(BaseModel):
     top_logprobs: list[dict[str, float]] | None = Field(
         None, description="per generated token, the alternatives' log-probabilities"
     )
+    reasoning: str | None = Field(
+        None,
+        description="a reasoning model's reasoning, kept apart from its answer (``text``); None: "
+        "the model gave none (see backends/reasoning.py)",
+    )
 
 
 class GenerationResult(BaseModel):

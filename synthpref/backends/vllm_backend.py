@@ -49,6 +49,7 @@ from synthpref.backends.base import (
     OnScored,
     RequestError,
 )
+from synthpref.backends.reasoning import split_reasoning
 from synthpref.backends.segments import SegmentError, render_segment
 from synthpref.backends.specs import VOLATILE, ModelSpec
 from synthpref.backends.types import (
@@ -453,9 +454,11 @@ class VLLMBackend(Backend):
                     }
                     for position in (c.logprobs or [])
                 ]
+            answer, reasoning = split_reasoning(c.text)
             completions.append(
                 Completion(
-                    text=c.text,
+                    text=answer,
+                    reasoning=reasoning,
                     finish_reason=c.finish_reason or "length",
                     completion_tokens=len(c.token_ids),
                     top_logprobs=top,

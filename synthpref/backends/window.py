@@ -22,7 +22,7 @@ import asyncio
 import statistics
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -229,10 +229,24 @@ class AsyncWindow:
                 fut.set_result(self._start())
 
     @asynccontextmanager
-    async def slot(self, kind: str = "") -> AsyncIterator[int]:
+    async def slot(
+        self, kind: str = "", ready: Callable[[], Awaitable[object]] | None = None
+    ) -> AsyncIterator[int]:
         """``async with window.slot(kind): await request()`` holds one place in the window; ``kind``
-        names the latency baseline the request is judged against (requests of similar size)."""
+        names the latency baseline the request is judged against (requests of similar size).
+
+        ``ready``, when given, is awaited once the place is held and before the latency clock
+        starts: a client-side wait (a rate cap, a server's ``Retry-After``) then neither lets requests
+        pile up behind the window and leave in a burst, nor counts as the server's latency. A failure
+        inside it says nothing about load (neutral).
+        """
         ticket = await self.acquire()
+        if ready is not None:
+            try:
+                await ready()
+            except BaseException:
+                self.release(ticket, "neutral")
+                raise
         t0 = self.clock()
         try:
             yield ticket

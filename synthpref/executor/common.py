@@ -352,7 +352,12 @@ def finish_run(
     """Export the last stage's checkpoints into ``data/`` and write ``summary.json``."""
     last = len(plan.stage_dirs) - 1
     final_shards = [plan.path(last, k) for k in range(len(plan.shards))]
-    outputs = export_all(loaded.recipe.output.formats, final_shards, plan.run_dir / "data")
+    outputs = export_all(
+        loaded.recipe.output.formats,
+        final_shards,
+        plan.run_dir / "data",
+        include_reasoning=loaded.recipe.output.include_reasoning,
+    )
     exported = [*outputs.values(), *(p.with_suffix(".jsonl") for p in outputs.values())]
     files = {
         p.relative_to(plan.run_dir).as_posix(): file_digest(p).model_dump()

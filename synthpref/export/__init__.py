@@ -4,6 +4,12 @@ Each format is a :class:`Format` (a row builder, a pyarrow schema and a one-line
 by the name a recipe's ``output.formats`` uses in ``FORMATS`` (a :class:`synthpref.registry.Registry`):
 the shipped ones from a lazy table, others from the ``synthpref.formats`` entry-point group of an
 installed package. Every format is written as Parquet and JSONL under ``<run>/data/``.
+
+A candidate's ``text`` is its answer alone, so a reasoning model's reasoning is left out of every
+format by default. ``output.include_reasoning: true`` puts it back, for every format (plugins
+included): each candidate that has reasoning is handed to the row builders with the text
+``<think>{reasoning}</think>\n{answer}`` (:func:`with_reasoning`). ``data/records.parquet`` always
+keeps the two apart, in the candidates' ``text`` and ``reasoning`` fields.
 """
 
 from __future__ import annotations
@@ -157,7 +163,25 @@ def formats() -> Mapping[str, tuple[RowBuilder, pa.Schema]]:
     return _FormatTable()
 
 
-def export_all(names: list[str], shard_files: list[Path], out_dir: Path) -> dict[str, Path]:
+def with_reasoning(record: Record) -> Record:
+    """``record`` with each candidate that has reasoning (not None) written as
+    ``<think>{reasoning}</think>\n{answer}``, the form ``output.include_reasoning`` exports."""
+    if all(c.reasoning is None for c in record.candidates):
+        return record
+    candidates = [
+        c
+        if c.reasoning is None
+        else c.model_copy(update={"text": f"<think>{c.reasoning}</think>\n{c.text}"})
+        for c in record.candidates
+    ]
+    return record.model_copy(update={"candidates": candidates})
+
+
+def export_all(
+    names: list[str], shard_files: list[Path], out_dir: Path, *, include_reasoning: bool = False
+) -> dict[str, Path]:
+    """Write each format ``names`` lists, and ``records.parquet``, into ``out_dir``;
+    ``include_reasoning`` is the recipe's ``output.include_reasoning``."""
     chosen: dict[str, Format] = {}
     problems: list[UnknownName] = []
     for name in names:
@@ -172,12 +196,12 @@ def export_all(names: list[str], shard_files: list[Path], out_dir: Path) -> dict
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for name, fmt in chosen.items():
-        written[name] = _write(name, fmt.rows, fmt.schema, shard_files, out_dir)
+        written[name] = _write(name, fmt.rows, fmt.schema, shard_files, out_dir, include_reasoning)
     written["records"] = _write_records(shard_files, out_dir)
     return written
 
 
-def _write(name, builder, schema, shard_files, out_dir: Path) -> Path:
+def _write(name, builder, schema, shard_files, out_dir: Path, include_reasoning=False) -> Path:
     parquet_path = out_dir / f"{name}.parquet"
     tmp_parquet = parquet_path.with_suffix(".parquet.tmp")
     tmp_jsonl = out_dir / f".{name}.jsonl.tmp"
@@ -187,6 +211,8 @@ def _write(name, builder, schema, shard_files, out_dir: Path) -> Path:
     ):
         for path in shard_files:
             records, _ = ck.read_shard(path)
+            if include_reasoning:
+                records = [with_reasoning(r) for r in records]
             rows = [row for r in records for row in builder(r)]
             if rows:
                 writer.write_table(pa.Table.from_pylist(rows, schema=schema))
@@ -198,13 +224,18 @@ def _write(name, builder, schema, shard_files, out_dir: Path) -> Path:
 
 
 def _write_records(shard_files: list[Path], out_dir: Path) -> Path:
-    """Every record with all candidates and judgments, for inspection and re-use."""
-    from synthpref.records import RECORD_SCHEMA
+    """Every record with all candidates and judgments, for inspection and re-use; a checkpoint
+    written before a column was added (e.g. candidates' ``reasoning``) is read and rewritten in the
+    current schema."""
+    from synthpref.records import RECORD_SCHEMA, records_from_arrow, records_to_arrow
 
     path = out_dir / "records.parquet"
     tmp = path.with_suffix(".parquet.tmp")
     with pq.ParquetWriter(tmp, RECORD_SCHEMA) as writer:
         for shard in shard_files:
-            writer.write_table(pq.read_table(shard).replace_schema_metadata(None))
+            table = pq.read_table(shard).replace_schema_metadata(None)
+            if not table.schema.equals(RECORD_SCHEMA):
+                table = records_to_arrow(records_from_arrow(table))
+            writer.write_table(table)
     tmp.replace(path)
     return path

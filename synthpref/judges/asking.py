@@ -75,7 +75,9 @@ class Answer(Generic[T]):
     """The outcome of one question: the parsed ``value``, or ``error`` after every attempt failed.
 
     ``raw`` is the whole reply (pre-filled start included); ``label`` and ``sample`` say which of a
-    judgment's questions it answers (an aspect, an order, a checklist item; the k-th draw)."""
+    judgment's questions it answers (an aspect, an order, a checklist item; the k-th draw).
+    ``reasoning`` is a reasoning model's reasoning, kept apart: verdicts are read from ``raw`` (the
+    final answer) only."""
 
     value: T | None
     raw: str
@@ -84,6 +86,7 @@ class Answer(Generic[T]):
     sampling: dict[str, Any] | None = None
     label: str = ""
     sample: int = 0
+    reasoning: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -101,6 +104,8 @@ async def ask_until_parsed(
     """Send every request, re-asking only those whose reply ``parse`` rejects.
 
     ``parse`` gets the reply text and the completion (for judges that read token log-probabilities).
+    The reply text is the model's final answer (``Completion.text``): a reasoning model's reasoning
+    is never parsed for a verdict, only kept on the :class:`Answer`.
     ``prefix`` is text the request pre-filled as the start of the reply; it is glued back on before
     parsing so parsers always see the whole verdict. ``samples`` (one per request) numbers repeated
     questions so each draws its own verdict (see :meth:`JudgeParams.sampling`).
@@ -117,12 +122,16 @@ async def ask_until_parsed(
         for i, result, sampling in zip(pending, results, per, strict=True):
             completion = result.completions[0]
             raw = prefix + completion.text
+            reasoning = completion.reasoning
             try:
+                value = parse(raw, completion)
                 answers[i] = Answer(
-                    parse(raw, completion), raw, attempt + 1, None, sampling.model_dump()
+                    value, raw, attempt + 1, None, sampling.model_dump(), reasoning=reasoning
                 )
             except ParseError as exc:
-                answers[i] = Answer(None, raw, attempt + 1, str(exc), sampling.model_dump())
+                answers[i] = Answer(
+                    None, raw, attempt + 1, str(exc), sampling.model_dump(), reasoning=reasoning
+                )
                 still.append(i)
         pending = still
         if not pending:

@@ -7,7 +7,9 @@ one question), loading, validating and fingerprinting its templates, building re
 reply start, JSON schema, log-probabilities, only where the backend supports them), re-asking
 unparseable replies (:mod:`synthpref.judges.asking`), the ``failed`` judgment that keeps the raw text,
 and every provenance field of a :class:`~synthpref.records.Judgment` (model, template hash, sampling,
-attempts, raw replies, errors) plus the ``judgments`` / ``failed`` / ``retries`` counters.
+attempts, raw replies, errors) plus the ``judgments`` / ``failed`` / ``retries`` counters. A judging
+model that reasons is read from its final answer only; its reasoning becomes the judgment's
+``rationale`` where the verdict gives none.
 
 A subclass says what is judged and how a reply reads; optional hooks add the rest:
 
@@ -317,7 +319,7 @@ class Judge(JudgeStage):
         common = dict(
             judge=self.name,
             raw=raw,
-            rationale=verdict.rationale,
+            rationale=verdict.rationale or _reasoning(answers),
             template_hash=self.template_hash(),
             model=self.params.model,
             sampling=answers[0].sampling or {},
@@ -350,3 +352,11 @@ class Judge(JudgeStage):
                 )
             )
         return out
+
+
+def _reasoning(answers: list[Answer]) -> str:
+    """A reasoning judge's reasoning, as a judgment's rationale when its verdict gives none (the
+    verdict itself is parsed from the final answers only); labelled when there are several."""
+    if len(answers) == 1:
+        return answers[0].reasoning or ""
+    return "\n\n".join(f"[{a.label}]\n{a.reasoning}" for a in answers if a.reasoning)

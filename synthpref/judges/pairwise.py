@@ -187,7 +187,9 @@ class TwoOrderJudge(Judge):
         return Verdict(
             score=score,
             scores={"ab": ab, "ba": ba},
-            rationale=" | ".join(ans.value.rationale for ans in answers if ans.ok)[:2000],
+            rationale=" | ".join(
+                ans.value.rationale for ans in answers if ans.ok and ans.value.rationale
+            )[:2000],
             details=details,
             error=error,
             raw="\n\n".join(

@@ -74,6 +74,11 @@ class StageSpec(RecipeNumbers):
 class OutputSpec(_Strict):
     dir: str = Field(description="run directory: checkpoints, cache, dataset and report")
     formats: list[str] = Field(default_factory=lambda: ["preference"])
+    include_reasoning: bool = Field(
+        False,
+        description="export a reasoning model's reasoning before its answer, as "
+        "'<think>{reasoning}</think>\\n{answer}'; default: the answer alone",
+    )
 
 
 class Settings(_Strict):

@@ -98,6 +98,7 @@ class Generate(Stage):
                             id=f"{self.name}:{key}:{k}",
                             model=name,
                             text=completion.text,
+                            reasoning=completion.reasoning,
                             sampling=sampling.model_dump(),
                             sample_index=k,
                             prompt_tokens=result.prompt_tokens,

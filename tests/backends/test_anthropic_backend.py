@@ -1,0 +1,296 @@
+"""The native Anthropic backend through the official ``anthropic`` SDK, against the scripted Messages
+API of ``tests/fake_anthropic_server.py`` (real sockets; only the answers are scripted)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+
+import pytest
+
+import synthpref
+from synthpref.backends.anthropic_backend import AnthropicBackend, AnthropicSpec
+from synthpref.backends.base import (
+    BackendError,
+    CapabilityError,
+    RequestError,
+    TransientBackendError,
+)
+from synthpref.backends.specs import fingerprint_fields, spec_class
+from synthpref.backends.types import GenerationRequest, SamplingParams
+from synthpref.records import Message
+from tests.conftest import tiny_recipe, write_recipe
+from tests.fake_anthropic_server import (
+    API_KEY,
+    FakeAnthropicServer,
+    echo,
+    failure,
+    last_text,
+    text,
+)
+
+NO_KEY_ENV = "SYNTHPREF_TEST_NO_SUCH_ANTHROPIC_KEY"
+
+
+def user(content: str) -> Message:
+    return Message(role="user", content=content)
+
+
+def backend(server: FakeAnthropicServer, **kwargs) -> AnthropicBackend:
+    kwargs.setdefault("retry_initial_wait", 0.01)
+    return AnthropicBackend("claude-test", base_url=server.base_url, api_key=API_KEY, **kwargs)
+
+
+def ask(*requests: GenerationRequest, policy=echo, latency: float = 0.0, **kwargs):
+    """(results, the bodies the server received, the backend)."""
+    with FakeAnthropicServer(policy, latency=latency) as server:
+        b = backend(server, **kwargs)
+        results = asyncio.run(b.generate(list(requests)))
+    return results, [body for _, body in server.requests], b
+
+
+# --- spec, registry, keys (no server) ---------------------------------------------------------
+
+
+def test_spec_is_registered_with_described_settings_and_volatile_ones_out_of_fingerprints():
+    spec = spec_class("anthropic").model_validate(
+        {"backend": "anthropic", "model": "claude-haiku-4-5", "max_concurrency": 4}
+    )
+    assert isinstance(spec, AnthropicSpec) and spec.display_name() == "claude-haiku-4-5"
+    assert all(f.description for n, f in AnthropicSpec.model_fields.items() if n != "backend")
+    fp = fingerprint_fields(spec)
+    assert fp["model"] == "claude-haiku-4-5" and fp["prefill"] is False
+    for volatile in ("max_concurrency", "timeout", "max_retries", "api_key_env", "prompt_caching"):
+        assert volatile not in fp
+    assert spec.capabilities() == {"generate"}
+    assert AnthropicSpec(model="m", prefill=True).capabilities() == {"generate", "prefill"}
+
+
+def test_identity_is_the_address_and_the_model_name(monkeypatch):
+    monkeypatch.setenv(NO_KEY_ENV, "k")
+    api = AnthropicBackend("claude-a", api_key_env=NO_KEY_ENV)
+    other = AnthropicBackend("claude-b", api_key_env=NO_KEY_ENV)
+    gateway = AnthropicBackend("claude-a", base_url="http://gw.example/", api_key_env=NO_KEY_ENV)
+    assert api.identity == "anthropic:api.anthropic.com:claude-a"
+    assert gateway.identity == "anthropic:http://gw.example:claude-a"
+    assert len({api.identity, other.identity, gateway.identity}) == 3
+    assert not api.supports("score") and not api.supports("top_logprobs")
+    assert not api.supports("json_schema") and not api.supports("prefill")
+
+
+def test_missing_key_fails_at_build_and_validate_warns_like_openai(monkeypatch, tmp_path):
+    monkeypatch.delenv(NO_KEY_ENV, raising=False)
+    with pytest.raises(BackendError, match=f"Anthropic API needs a key.*{NO_KEY_ENV}"):
+        AnthropicSpec(model="claude-test", api_key_env=NO_KEY_ENV).build()
+    # a gateway may need none
+    AnthropicSpec(model="m", base_url="http://127.0.0.1:1", api_key_env=NO_KEY_ENV).build()
+
+    recipe = tiny_recipe(tmp_path)
+    recipe["models"]["a"] = {"backend": "anthropic", "model": "m", "api_key_env": NO_KEY_ENV}
+    warnings = synthpref.validate(recipe)
+    (warning,) = [w for w in warnings if w.startswith("models.a.api_key_env: ")]
+    assert NO_KEY_ENV in warning
+    assert "`synthpref run` stops until it is set" in warning
+
+
+# --- the request each call sends, and what comes back ----------------------------------------
+
+
+def test_system_prompt_is_cached_when_prompt_caching_is_on_and_plain_when_off():
+    req = GenerationRequest(messages=[Message(role="system", content="Be brief."), user("hi")])
+    (on,), (sent_on,), b = ask(req)
+    assert sent_on["system"] == [
+        {"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}
+    ]
+    assert sent_on["messages"] == [{"role": "user", "content": "hi"}]  # short: left unmarked
+    assert on.completions[0].text == "You said: hi"
+    _, (sent_off,), _ = ask(req, prompt_caching=False)
+    assert sent_off["system"] == "Be brief." and "cache_control" not in json.dumps(sent_off)
+    # the API's usage: the system prompt written to the cache, the rest read as input
+    assert b.usage["cache_creation_input_tokens"] == 3 and b.usage["input_tokens"] == 1
+    assert on.prompt_tokens == 4  # every prompt token, cached or not
+
+
+def test_a_long_shared_first_message_is_cached_once_and_then_read():
+    long = "Judge the following carefully. " * 200
+    req = GenerationRequest(messages=[user(long)], params=SamplingParams(n=3))
+    # each answer takes 0.2 s: sent together, the three would all miss the cache and write it
+    (result,), sent, b = ask(req, latency=0.2)
+    assert len(sent) == 3 and len(result.completions) == 3
+    for body in sent:
+        (block,) = body["messages"][0]["content"]
+        assert block["cache_control"] == {"type": "ephemeral"} and block["text"] == long
+    # the first call wrote the prefix; the others waited for it and read it
+    tokens = -(-len(long) // 4)
+    assert b.usage["cache_creation_input_tokens"] == tokens
+    assert b.usage["cache_read_input_tokens"] == 2 * tokens
+    # a long message sent once is not marked: a cache write costs more than plain input
+    _, (once,), _ = ask(GenerationRequest(messages=[user(long)]))
+    assert once["messages"][0]["content"] == long
+
+
+def test_prefill_is_continued_and_only_the_continuation_returned():
+    req = GenerationRequest(
+        messages=[user("Rate it."), Message(role="assistant", content="Score: ")],
+        continue_final_message=True,
+    )
+    (result,), (sent,), _ = ask(req, policy=lambda body: text(" 4 out of 5"), prefill=True)
+    # the API refuses trailing whitespace in a prefill: it is not sent, and the continuation's
+    # leading whitespace is dropped so that prefill + text reads as one reply
+    assert sent["messages"][-1] == {"role": "assistant", "content": "Score:"}
+    assert result.completions[0].text == "4 out of 5"
+    with pytest.raises(CapabilityError, match="prefill: true"):
+        ask(req)  # prefill: false (the default, for Claude 4.6 and later)
+    # a model that refuses prefills: the error says which setting to look at
+    refuse = failure(400, "invalid_request_error", "This model does not support prefill.")
+    with pytest.raises(RequestError, match=r"Claude 4\.6 and later refuse a prefill"):
+        ask(req, policy=lambda body: refuse, prefill=True)
+
+
+def test_stop_sequences_and_max_tokens_set_the_finish_reason():
+    story = "One two three. Four five six. Seven eight nine."
+    stopped = GenerationRequest(messages=[user("go")], params=SamplingParams(stop=[". Four"]))
+    cut = GenerationRequest(messages=[user("go")], params=SamplingParams(max_tokens=3))
+    (a, b), sent, _ = ask(stopped, cut, policy=lambda body: text(story))
+    sent = sorted(sent, key=lambda body: -body["max_tokens"])  # the two calls race
+    assert sent[0]["stop_sequences"] == [". Four"] and "stop_sequences" not in sent[1]
+    assert (a.completions[0].text, a.completions[0].finish_reason) == ("One two three", "stop")
+    assert (b.completions[0].text, b.completions[0].finish_reason) == ("One two three.", "length")
+    assert b.completions[0].completion_tokens == 3 and sent[1]["max_tokens"] == 3
+
+
+def test_n_samples_are_n_calls():
+    counter = itertools.count()
+    req = GenerationRequest(messages=[user("name a colour")], params=SamplingParams(n=3, seed=7))
+    (result,), sent, _ = ask(req, policy=lambda body: text(f"colour {next(counter)}"))
+    assert len(sent) == 3 and all(s["messages"] == sent[0]["messages"] for s in sent)
+    assert all("n" not in s and "seed" not in s for s in sent)  # the API has neither
+    assert sorted(c.text for c in result.completions) == ["colour 0", "colour 1", "colour 2"]
+    assert result.prompt_tokens == 4 and all(c.completion_tokens == 2 for c in result.completions)
+
+
+def test_sampling_params_are_sent_only_when_the_spec_says_the_model_takes_them():
+    req = GenerationRequest(
+        messages=[user("hi")], params=SamplingParams(temperature=0.3, top_p=0.9)
+    )
+    _, (plain,), _ = ask(req)
+    assert "temperature" not in plain and "top_p" not in plain
+    _, (sampled,), _ = ask(req, sampling_params=True)
+    assert sampled["temperature"] == 0.3 and sampled["top_p"] == 0.9
+    hot = GenerationRequest(messages=[user("hi")], params=SamplingParams(temperature=1.5))
+    with pytest.raises(BackendError, match=r"temperature from 0 to 1, got 1\.5"):
+        ask(hot, sampling_params=True)
+
+
+def test_a_system_message_inside_the_conversation_is_that_requests_error():
+    odd = GenerationRequest(messages=[user("hi"), Message(role="system", content="Now French.")])
+    with pytest.raises(RequestError, match="request 1: a system message") as err:
+        ask(GenerationRequest(messages=[user("hi")]), odd)
+    assert err.value.index == 1
+
+
+# --- failures: typed as the OpenAI backend types them ------------------------------------------
+
+
+def test_rate_limit_waits_as_retry_after_says_then_succeeds():
+    replies = iter([failure(429, "rate_limit_error", "slow down", **{"retry-after": "1"})])
+    started = time.monotonic()
+    (result,), sent, b = ask(
+        GenerationRequest(messages=[user("hi")]),
+        policy=lambda body: next(replies, None) or echo(body),
+        max_retries=2,
+    )
+    assert result.completions[0].text == "You said: hi"
+    assert len(sent) == 2 and b.retries == 1
+    assert time.monotonic() - started >= 1.0  # not the 0.01 s back-off: the server's second
+    assert b.window.shrinks["error"] == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"), [(429, "rate_limit_error"), (529, "overloaded_error"), (500, "api_error")]
+)
+def test_overload_and_server_errors_are_retried_then_transient(status, kind):
+    policy = lambda body: failure(status, kind, "try later", **{"retry-after-ms": "5"})  # noqa: E731
+    with FakeAnthropicServer(policy) as server:
+        b = backend(server, max_retries=2)
+        with pytest.raises(TransientBackendError, match=f"after 3 attempts.*HTTP {status} {kind}"):
+            asyncio.run(b.generate([GenerationRequest(messages=[user("hi")])]))
+    assert b.retries == 2 and len(server.requests) == 3
+
+
+def test_input_the_api_rejects_is_that_requests_error():
+    def policy(body):
+        if last_text(body) == "too long":
+            return failure(400, "invalid_request_error", "prompt is too long: 300000 tokens")
+        return echo(body)
+
+    requests = [GenerationRequest(messages=[user(t)]) for t in ("hi", "too long")]
+    with pytest.raises(RequestError, match=r"request 1 failed: .*HTTP 400 invalid_request") as err:
+        ask(*requests, policy=policy, max_retries=3)
+    assert err.value.index == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "hint"),
+    [
+        (401, "authentication_error", "check the API key"),
+        (403, "permission_error", "may not use"),
+        (404, "not_found_error", "a model name the API knows"),
+    ],
+)
+def test_configuration_errors_are_neither_transient_nor_request_specific(status, kind, hint):
+    with FakeAnthropicServer(lambda body: failure(status, kind, "no")) as server:
+        b = backend(server, max_retries=3)
+        with pytest.raises(BackendError, match=hint) as err:
+            asyncio.run(b.generate([GenerationRequest(messages=[user("hi")])]))
+    assert type(err.value) is BackendError and b.retries == 0 and len(server.requests) == 1
+
+
+# --- a recipe end to end: generate, then a pairwise judge that pre-fills its verdict -----------
+
+
+def test_a_recipe_generates_and_judges_pairs_through_the_messages_api(tmp_path, monkeypatch):
+    monkeypatch.setenv("SYNTHPREF_TEST_ANTHROPIC_KEY", API_KEY)
+    drafts = itertools.count()
+
+    def policy(body):
+        prompt = last_text(body)
+        if "[Response A]" in prompt:
+            assert body["messages"][-1] == {"role": "assistant", "content": "Verdict:"}
+            a = prompt.split("[Response A]\n", 1)[1].split("\n[End of response A]", 1)[0]
+            return text(" A+\nReasoning: more." if "longer" in a else " B+\nReasoning: more.")
+        return text("Short." if next(drafts) % 2 else "A longer and better answer.")
+
+    with FakeAnthropicServer(policy) as server:
+        spec = {
+            "backend": "anthropic",
+            "base_url": server.base_url,
+            "api_key_env": "SYNTHPREF_TEST_ANTHROPIC_KEY",
+        }
+        recipe = tiny_recipe(tmp_path, prompts=[{"id": "p1", "prompt": "Name a colour."}])
+        recipe["models"] = {
+            "writer": {**spec, "model": "claude-test-writer", "system_prompt": "Be helpful."},
+            "judge": {**spec, "model": "claude-test-judge", "prefill": True},
+        }
+        recipe["stages"] = [
+            {"type": "generate", "models": ["writer"], "n": 2, "max_tokens": 32},
+            {"type": "pairwise_judge", "name": "verdict", "model": "judge", "reasoning": "after"},
+            {"type": "pairs", "judge": "verdict"},
+        ]
+        assert synthpref.validate(recipe) == []
+        path = write_recipe(tmp_path, recipe)
+        result = synthpref.run(path, progress=False)
+        calls = len(server.requests)
+        again = synthpref.run(path, progress=False, fresh=False)
+    assert calls == 2 + 2  # two samples, one pair judged in both orders
+    assert len(server.requests) == calls  # the rerun is answered from checkpoints and cache
+    writer_calls = [b for _, b in server.requests if b["model"] == "claude-test-writer"]
+    assert all(b["system"][0]["cache_control"] == {"type": "ephemeral"} for b in writer_calls)
+    (row,) = [json.loads(line) for line in (result.run_dir / "data" / "preference.jsonl").open()]
+    assert row["chosen"][-1]["content"] == "A longer and better answer."
+    assert row["rejected"][-1]["content"] == "Short."
+    judge = next(s for s in result.stages if s.name == "verdict")
+    assert judge.counters["judgments"] == 1 and not judge.counters.get("failed")
+    assert again.fingerprint == result.fingerprint
