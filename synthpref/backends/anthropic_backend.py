@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import random
 from collections import Counter
@@ -76,6 +75,7 @@ from synthpref.backends.openai_backend import (
     _preview,
     _server_message,
 )
+from synthpref.backends.rate_limit import retry_after
 from synthpref.backends.specs import VOLATILE, ModelSpec, missing_api_key
 from synthpref.backends.types import Completion, GenerationRequest, GenerationResult
 from synthpref.backends.window import AIMDWindow, AsyncWindow, Signal
@@ -473,7 +473,7 @@ class AnthropicBackend(Backend):
         jitter so that concurrent retries spread out."""
         said = retry_after(exc)
         if said is not None:
-            return said
+            return min(said, MAX_RETRY_AFTER)
         base = min(self.retry_initial_wait * 2 ** (attempt - 1), self.retry_max_wait)
         return base + random.uniform(0, self.retry_initial_wait)
 
@@ -553,18 +553,3 @@ def error_type(exc: BaseException) -> str | None:
 def overload_signal(exc: BaseException) -> Signal:
     """Transient failures say the API is loaded; other failures say nothing about load."""
     return "overload" if is_transient(exc) else "neutral"
-
-
-def retry_after(exc: BaseException) -> float | None:
-    """Seconds the server asked to wait (``retry-after-ms``, else ``retry-after`` in seconds)."""
-    headers = getattr(getattr(exc, "response", None), "headers", None)
-    if headers is None:
-        return None
-    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        try:
-            seconds = float(headers.get(name)) / scale
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(seconds) and seconds >= 0:
-            return min(seconds, MAX_RETRY_AFTER)
-    return None

@@ -34,14 +34,11 @@ several hosts) gets each such request as ``n`` single requests, seeds ``seed + k
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
-import math
 import os
 import random
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime, timezone
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
@@ -58,7 +55,7 @@ from synthpref.backends.base import (
     RequestError,
     TransientBackendError,
 )
-from synthpref.backends.rate_limit import RateLimiter
+from synthpref.backends.rate_limit import RateLimiter, retry_after
 from synthpref.backends.segments import SegmentError, render_segment
 from synthpref.backends.specs import VOLATILE, ModelSpec, missing_api_key
 from synthpref.backends.types import (
@@ -868,37 +865,6 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, APIStatusError):
         return exc.status_code == 429 or exc.status_code >= 500
     return False
-
-
-def retry_after(exc: BaseException | None) -> float | None:
-    """Seconds the server asked the client to wait before trying again, from a failed response's
-    headers: ``retry-after-ms`` (OpenAI), else ``Retry-After`` as seconds or as an HTTP date
-    (RFC 9110); None when it said nothing usable. A date in the past is 0."""
-    headers = getattr(getattr(exc, "response", None), "headers", None)
-    if headers is None:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            value = float(ms) / 1000
-        except ValueError:
-            value = math.nan
-        if math.isfinite(value):
-            return max(0.0, value)
-    text = headers.get("retry-after")
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        value = (when - datetime.now(timezone.utc)).total_seconds()
-    return max(0.0, value) if math.isfinite(value) else None
 
 
 #: a standalone ``n`` in an error message: "n: must be exactly 1", "'n' must be 1", "only n=1"

@@ -10,6 +10,7 @@ its request is cancelled or fails, which errs on the slow side.
 
 :meth:`RateLimiter.pause` holds every request booked from now on until a time a server named
 (``Retry-After`` on a 429 or 503), so the requests not yet sent wait with the one that was told to.
+:func:`retry_after` reads that time from a failed response, for every hosted backend.
 
 Plain arithmetic on an injectable clock (``reserve``), with one ``await`` on an injectable sleep
 (``acquire``), so tests need no wall time.
@@ -18,8 +19,11 @@ Plain arithmetic on an injectable clock (``reserve``), with one ``await`` on an 
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import math
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
 
 
 class RateLimiter:
@@ -70,3 +74,34 @@ class RateLimiter:
     def pause(self, seconds: float) -> None:
         """Send nothing booked from now on for ``seconds`` (a server's ``Retry-After``)."""
         self._paused_until = max(self._paused_until, self.clock() + seconds)
+
+
+def retry_after(exc: BaseException | None) -> float | None:
+    """Seconds the server asked the client to wait before trying again, from a failed response's
+    headers: ``retry-after-ms`` (OpenAI), else ``Retry-After`` as seconds or as an HTTP date
+    (RFC 9110); None when it said nothing usable. A date in the past is 0."""
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms) / 1000
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value):
+            return max(0.0, value)
+    text = headers.get("retry-after")
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        value = (when - datetime.now(timezone.utc)).total_seconds()
+    return max(0.0, value) if math.isfinite(value) else None
