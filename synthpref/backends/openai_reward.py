@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from synthpref.backends.base import BackendError, CapabilityError, OnRewarded, RequestError
 from synthpref.backends.openai_backend import _preview, _server_message
-from synthpref.backends.turns import fit_turns_async
+from synthpref.backends.turns import chat_ids, fit_turns_async
 from synthpref.backends.types import RewardRequest, RewardResult
 from synthpref.records import Message
 
@@ -141,10 +141,7 @@ def _tokenizer(
         tok = backend.tokenizer
 
         async def local(i: int, messages: list[Message]) -> list[int]:
-            out = tok.apply_chat_template([m.model_dump() for m in messages], tokenize=True)
-            if hasattr(out, "keys"):  # a BatchEncoding on recent transformers
-                out = out["input_ids"]
-            return [int(t) for t in out]
+            return chat_ids(tok, messages)
 
         return local
 

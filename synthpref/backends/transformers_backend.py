@@ -122,15 +122,14 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class TransformersBackend(Backend):
-    capabilities: ClassVar[frozenset[Capability]] = frozenset(
-        {"generate", "score", "top_logprobs", "prefill"}
-    )
-    #: run a token prefix shared by several requests (score groups, a generation batch) once and reuse
-    #: its KV cache (set False on an instance to compare, or if a model's cache cannot be copied)
-    prefix_sharing: bool = True
-    #: shortest shared prefix (tokens) worth a separate prefix pass
-    min_shared_prefix: int = 16
+class LocalModelBackend(Backend):
+    """What every backend running weights in this process holds: the device, the dtype (``auto``:
+    bfloat16 on CUDA, float32 on CPU), the identity pinned at construction and the device's lock.
+    :class:`TransformersBackend` generates and scores;
+    :class:`~synthpref.backends.transformers_reward.TransformersRewardBackend` runs reward models."""
+
+    #: marks the identity of a backend whose outputs differ for the same weights (``reward:``)
+    identity_tag: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -154,7 +153,7 @@ class TransformersBackend(Backend):
         if identity is None:  # built without a spec: the path and what is in it
             from synthpref.backends.identity import model_identity
 
-            identity = f"transformers:{model_path}:{model_identity(model_path)}"
+            identity = f"transformers:{model_path}:{self.identity_tag}{model_identity(model_path)}"
         self._identity = identity
         self._max_context = max_context
         self._trust = trust_remote_code
@@ -164,6 +163,17 @@ class TransformersBackend(Backend):
     def identity(self) -> str:
         """Pinned at construction, so a model rewritten mid-run cannot split one run's cache keys."""
         return f"{self._identity}:{self.dtype}"
+
+
+class TransformersBackend(LocalModelBackend):
+    capabilities: ClassVar[frozenset[Capability]] = frozenset(
+        {"generate", "score", "top_logprobs", "prefill"}
+    )
+    #: run a token prefix shared by several requests (score groups, a generation batch) once and reuse
+    #: its KV cache (set False on an instance to compare, or if a model's cache cannot be copied)
+    prefix_sharing: bool = True
+    #: shortest shared prefix (tokens) worth a separate prefix pass
+    min_shared_prefix: int = 16
 
     @property
     def model(self):

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from synthpref.backends.base import (
-    Backend,
     BackendError,
     Capability,
     CapabilityError,
@@ -34,12 +33,11 @@ from synthpref.backends.base import (
     RequestError,
 )
 from synthpref.backends.transformers_backend import (
+    LocalModelBackend,
     _release_freed_memory,
-    device_lock,
     even_chunks,
-    resolve_device,
 )
-from synthpref.backends.turns import fit_turns
+from synthpref.backends.turns import chat_ids, fit_request
 from synthpref.backends.types import (
     GenerationRequest,
     GenerationResult,
@@ -48,7 +46,6 @@ from synthpref.backends.types import (
     ScoreRequest,
     ScoreResult,
 )
-from synthpref.records import Message
 
 _EXPECTED = (
     "a sequence-classification reward model (AutoModelForSequenceClassification, e.g. "
@@ -134,14 +131,6 @@ def load_reward_model(path: str, device: str, dtype: str, trust_remote_code: boo
     return model, tokenizer
 
 
-def chat_ids(tokenizer, messages: Sequence[Message]) -> list[int]:
-    """The conversation's token ids under the tokenizer's chat template (no generation prompt)."""
-    out = tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=True)
-    if hasattr(out, "keys"):  # a BatchEncoding on recent transformers
-        out = out["input_ids"]
-    return list(out)
-
-
 def pooling_pad_id(config_pad: int | None, fallback: int, last_tokens: Sequence[int]) -> int:
     """The id to pad a batch with, which the model's pooling must also take for its pad id.
 
@@ -156,41 +145,13 @@ def pooling_pad_id(config_pad: int | None, fallback: int, last_tokens: Sequence[
     return next(c for c in (fallback, *range(len(taken) + 1)) if c not in taken)
 
 
-class TransformersRewardBackend(Backend):
+class TransformersRewardBackend(LocalModelBackend):
     capabilities: ClassVar[frozenset[Capability]] = frozenset({"reward"})
+    identity_tag = "reward:"
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        identity: str | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
-        batch_size: int = 32,
-        max_context: int | None = None,
-        trust_remote_code: bool = False,
-    ) -> None:
+    def __init__(self, model_path: str, **settings: Any) -> None:
         check_reward_config(model_path)  # a causal LM fails the run before anything else runs
-        self.model_path = model_path
-        self.device = resolve_device(device)
-        self.dtype = (
-            dtype
-            if dtype != "auto"
-            else ("bfloat16" if self.device.startswith("cuda") else "float32")
-        )
-        self.batch_size = batch_size
-        if identity is None:
-            from synthpref.backends.identity import model_identity
-
-            identity = f"transformers:{model_path}:reward:{model_identity(model_path)}"
-        self._identity = identity
-        self._max_context = max_context
-        self._trust = trust_remote_code
-        self._lock = device_lock(self.device)
-
-    @property
-    def identity(self) -> str:
-        return f"{self._identity}:{self.dtype}"
+        super().__init__(model_path, **settings)
 
     def _loaded(self):
         return load_reward_model(self.model_path, self.device, self.dtype, self._trust)
@@ -260,19 +221,7 @@ class TransformersRewardBackend(Backend):
     def _fit(self, i: int, request: RewardRequest) -> tuple[list[int], int]:
         """(token ids of the conversation that fits, turns dropped); RequestError with the index."""
         tok = self.tokenizer
-        last: dict[str, Any] = {}
-
-        def count(messages: list[Message]) -> int:
-            last["messages"], last["ids"] = list(messages), chat_ids(tok, messages)
-            return len(last["ids"])
-
-        try:
-            kept, dropped, _ = fit_turns(
-                request.messages, count, self.context_window, request.truncation
-            )
-        except RequestError as exc:
-            raise RequestError(f"reward request {i}: {exc}", index=i) from exc
-        ids = last["ids"] if last.get("messages") == kept else chat_ids(tok, kept)
+        ids, dropped = fit_request(i, request, lambda m: chat_ids(tok, m), self.context_window)
         if not ids:
             raise RequestError(f"reward request {i}: the chat template rendered no token", index=i)
         return ids, dropped

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from synthpref.backends.base import RequestError
+from synthpref.backends.types import RewardRequest
 from synthpref.records import Message
 
 
@@ -72,3 +73,33 @@ def too_long(tokens: int, limit: int, policy: str) -> RequestError:
     return RequestError(
         f"the conversation is {tokens} tokens, over the model's {limit}-token context {how}"
     )
+
+
+def chat_ids(tokenizer, messages: Sequence[Message]) -> list[int]:
+    """A conversation's token ids as a reward model reads it: the tokenizer's own chat template, no
+    generation prompt (what every reward backend sends, and what the tests' reference computes)."""
+    out = tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=True)
+    if hasattr(out, "keys"):  # a BatchEncoding on recent transformers
+        out = out["input_ids"]
+    return [int(t) for t in out]
+
+
+def fit_request(
+    i: int,
+    request: RewardRequest,
+    token_ids: Callable[[list[Message]], list[int]],
+    limit: int,
+) -> tuple[list[int], int]:
+    """(the token ids of what of request ``i`` fits in ``limit``, the turns dropped), each try
+    tokenized once; a :class:`RequestError` names the request's index."""
+    ids_of: dict[int, list[int]] = {}  # by message count: each try is shorter than the last
+
+    def count(messages: list[Message]) -> int:
+        ids_of[len(messages)] = token_ids(messages)
+        return len(ids_of[len(messages)])
+
+    try:
+        kept, dropped, _ = fit_turns(request.messages, count, limit, request.truncation)
+    except RequestError as exc:
+        raise RequestError(f"reward request {i}: {exc}", index=i) from exc
+    return ids_of[len(kept)], dropped

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -34,9 +34,8 @@ from synthpref.backends.base import (
     OnGenerated,
     OnRewarded,
     OnScored,
-    RequestError,
 )
-from synthpref.backends.turns import fit_turns
+from synthpref.backends.turns import chat_ids, fit_request
 from synthpref.backends.types import (
     GenerationRequest,
     GenerationResult,
@@ -46,7 +45,6 @@ from synthpref.backends.types import (
     ScoreResult,
 )
 from synthpref.backends.vllm_backend import VLLMBackend, step_until_done
-from synthpref.records import Message
 
 if TYPE_CHECKING:
     from synthpref.backends.vllm_backend import VLLMSpec
@@ -106,27 +104,14 @@ class VLLMRewardBackend(VLLMBackend):
             inputs, lambda i, out: self._reward_result(i, *fitted[i], out), on_result
         )
 
-    def token_ids(self, messages: Sequence[Message]) -> list[int]:
-        """The conversation as the model reads it: its chat template, no generation prompt."""
-        ids = self.tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=True)
-        if isinstance(ids, Mapping):  # transformers >= 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
-
     def _fit(self, requests: list[RewardRequest]) -> list[tuple[list[int], int]]:
         """(token ids, dropped turns) of each request; a request that cannot fit raises
         :class:`RequestError` with its index before anything reaches the engine."""
         limit = self.context_window  # a pooling model generates nothing: every position is input
-        out = []
-        for i, r in enumerate(requests):
-            try:
-                kept, dropped, _ = fit_turns(
-                    r.messages, lambda m: len(self.token_ids(m)), limit, r.truncation
-                )
-            except RequestError as exc:
-                raise RequestError(f"reward request {i}: {exc}", index=i) from exc
-            out.append((self.token_ids(kept), dropped))
-        return out
+        tok = self.tokenizer
+        return [
+            fit_request(i, r, lambda m: chat_ids(tok, m), limit) for i, r in enumerate(requests)
+        ]
 
     def _drive(self, inputs, report, failure: list) -> list:
         """Add every request to the engine, then step it, reporting each as it finishes.

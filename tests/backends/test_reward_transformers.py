@@ -102,7 +102,7 @@ def test_batched_values_equal_an_unpadded_forward_pass(which, reward_model_dir, 
 
 @pytest.mark.slow
 def test_drop_oldest_turns_equals_the_cut_conversation(reward_model_dir):
-    from synthpref.backends.transformers_reward import chat_ids
+    from synthpref.backends.turns import chat_ids
 
     long_history = _msgs(
         ("system", "You are terse."),
