@@ -1,6 +1,7 @@
 """Reward-model judge: a trained sequence-classification reward model scores each candidate.
 
-The model (Skywork-Reward, ArmoRM, any ``...ForSequenceClassification`` reward model) reads the
+The model (Skywork-Reward, any ``...ForSequenceClassification`` reward model whose forward returns
+``logits``; ArmoRM's remote-code output object is not read yet) reads the
 record's conversation with the candidate as the assistant's reply, rendered with its own chat
 template, and its head gives one value per output: a scalar reward, or several attributes
 (helpfulness, correctness, verbosity...). The model spec says ``task: reward``; running it is a
