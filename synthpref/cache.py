@@ -6,6 +6,10 @@ weights rewritten in place or of other result-affecting engine settings are neve
 committed as the backend reports them, batch by batch, so a run killed mid-shard keeps every call that
 finished. A journal table logs each computation, which is how tests (and curious users) check that
 nothing was computed twice.
+
+A paid call's dollars are committed in the same transaction as its result (the ``spend`` table), so
+a run directory's spending is known after any kill (:mod:`synthpref.backends.cost`). Provider batch
+jobs are recorded in the same file (:mod:`synthpref.backends.batch`), through :meth:`transaction`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -43,20 +49,39 @@ class RequestCache:
             "CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, kind TEXT, value TEXT, created REAL)"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS journal (key TEXT, pid INTEGER, created REAL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS spend (key TEXT, model TEXT, dollars REAL, created REAL)"
+        )
 
     def get_many(self, keys: list[str]) -> dict[str, str]:
         with self._lock:
             return fetch_results(self._db, keys)
 
-    def put(self, key: str, kind: str, value: str) -> None:
+    def put(self, key: str, kind: str, value: str, dollars: float = 0.0, model: str = "") -> None:
+        """Store a result; ``dollars`` (what the call cost, billed to ``model``) with it, atomically."""
         now = time.time()
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?)", (key, kind, value, now))
+            db.execute("INSERT INTO journal VALUES (?, ?, ?)", (key, os.getpid(), now))
+            if dollars:
+                db.execute("INSERT INTO spend VALUES (?, ?, ?, ?)", (key, model, dollars, now))
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The connection, inside one committed transaction (rolled back if the block raises)."""
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.execute(
-                "INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?)", (key, kind, value, now)
-            )
-            self._db.execute("INSERT INTO journal VALUES (?, ?, ?)", (key, os.getpid(), now))
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
             self._db.execute("COMMIT")
+
+    def spent(self) -> float:
+        """Dollars this cache's calls have cost, over every run that wrote to it."""
+        with self._lock:
+            return float(self._db.execute("SELECT COALESCE(SUM(dollars), 0) FROM spend").fetchone()[0])
 
     def journal_counts(self) -> dict[str, int]:
         with self._lock:

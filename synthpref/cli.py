@@ -39,14 +39,19 @@ def _errors() -> Iterator[None]:
 
     Those are the :class:`~synthpref.errors.SynthprefError` subclasses (each names the file, YAML
     path, row or field at fault); a :class:`~synthpref.errors.ConfigError` (the recipe or an option)
-    exits with 2, everything else with 1. Any other exception is a bug and keeps its traceback."""
-    from synthpref.errors import ConfigError, SynthprefError
+    exits with 2, a :class:`~synthpref.errors.RunPaused` (a clean stop the same command resumes: a
+    spending cap reached, batch jobs still running) with 3, everything else with 1. Any other
+    exception is a bug and keeps its traceback."""
+    from synthpref.errors import ConfigError, RunPaused, SynthprefError
     from synthpref.recipes.loader import RecipeError
 
     try:
         yield
     except SynthprefError as exc:
         # a RecipeError's message starts "invalid recipe <file>:" and lists its problems below
+        if isinstance(exc, RunPaused):
+            say(console, exc, label="paused:", style="yellow")
+            raise typer.Exit(3) from None
         label = "" if isinstance(exc, RecipeError) else "error:"
         say(console, exc, label=label, style="red")
         raise typer.Exit(2 if isinstance(exc, ConfigError) else 1) from None

@@ -35,6 +35,10 @@ The tree, and what each branch means to a caller:
 - ``hub.errors.PushError``: ``synthpref push`` refused or failed; nothing was uploaded unless the
   message says otherwise.
 - ``executor.common.RunError``: a run stopped (its cause's message, with the stage and shard).
+- :class:`RunPaused`: a run stopped cleanly before finishing, everything finished kept, and the same
+  command resumes it (the CLI exits 3): ``backends.cost.BudgetExceeded`` (``settings.max_cost_usd``
+  reached) and ``backends.batch.BatchPending`` (provider batch jobs still running, with
+  ``settings.batch.wait: false``).
 - ``evaluation.run.EvalError``: ``eval-judges`` has nothing to evaluate (no judge stage, no usable
   labelled pair).
 - ``judges.parsing.ParseError``: a judge's reply does not parse; judges catch it, re-ask, and record
@@ -54,6 +58,11 @@ class ConfigError(SynthprefError):
 
 class TemplateError(SynthprefError):
     """A template or a file a recipe names cannot be found, or the sandbox refused it."""
+
+
+class RunPaused(SynthprefError):
+    """The run stopped cleanly before finishing; everything finished is checkpointed or cached and
+    running the same command again resumes it (the CLI exits 3)."""
 
 
 class DataError(SynthprefError):

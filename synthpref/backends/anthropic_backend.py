@@ -149,6 +149,13 @@ class AnthropicSpec(ModelSpec):
         "call, waiting as retry-after says, else exponentially, before the shard stops",
         json_schema_extra=VOLATILE,
     )
+    mode: Literal["online", "batch"] = Field(
+        "online",
+        description="batch: generation requests go to the provider's batch API as jobs (half the "
+        "price, results within 24 h); job ids are kept in the run's cache, so a killed run "
+        "resumes them (settings.batch says whether a run waits)",
+        json_schema_extra=VOLATILE,
+    )
     prefill: bool = Field(
         False,
         description="the model continues a final assistant message, so judges pre-fill their "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from synthpref.backends.types import (
     GenerationRequest,
@@ -21,7 +21,12 @@ from synthpref.backends.types import (
 )
 from synthpref.errors import SynthprefError
 
-Capability = Literal["generate", "score", "reward", "top_logprobs", "json_schema", "prefill"]
+if TYPE_CHECKING:
+    from synthpref.cache import RequestCache
+
+Capability = Literal[
+    "generate", "score", "reward", "top_logprobs", "json_schema", "prefill", "batch"
+]
 OnGenerated = Callable[[int, GenerationResult], None]
 OnScored = Callable[[int, ScoreResult], None]
 OnRewarded = Callable[[int, RewardResult], None]
@@ -99,6 +104,21 @@ class Backend(ABC):
             f"{type(self).__name__} does not run reward models; use a transformers or vllm spec with "
             "task: reward, or an openai spec with task: reward pointing at a pooling server "
             "(vllm serve of a reward model)"
+        )
+
+    async def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        keys: Sequence[str],
+        cache: RequestCache | None,
+        on_result: OnGenerated | None = None,
+    ) -> list[GenerationResult]:
+        """``generate`` through the provider's batch API (``mode: batch``): ``keys`` are the
+        requests' cache keys, which name their lines in the jobs recorded in ``cache`` (see
+        :mod:`synthpref.backends.batch`). Raises ``BatchPending`` while jobs are still running."""
+        raise CapabilityError(
+            f"{type(self).__name__} has no batch API; mode: batch works with the openai backend "
+            "(the OpenAI Batch API) and the anthropic backend (Message Batches)"
         )
 
     def supports(self, capability: Capability) -> bool:

@@ -156,6 +156,13 @@ class OpenAISpec(ModelSpec):
         "tokens (by tokenizer: when set, else characters / 4) plus max_tokens times n; unset: none",
         json_schema_extra=VOLATILE,
     )
+    mode: Literal["online", "batch"] = Field(
+        "online",
+        description="batch: generation requests go to the provider's batch API as jobs (half the "
+        "price, results within 24 h); job ids are kept in the run's cache, so a killed run "
+        "resumes them (settings.batch says whether a run waits)",
+        json_schema_extra=VOLATILE,
+    )
     supports_n: bool | None = Field(
         None,
         description="whether the server accepts n > 1 in one request; unset: try, and if it answers "

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from synthpref.backends.base import Backend
+from synthpref.backends.pricing import Price
 from synthpref.registry import Registry, UnknownName
 
 VOLATILE = {"volatile": True}
@@ -34,7 +35,19 @@ class ModelSpec(BaseModel):
     system_prompt: str | None = Field(
         None, description="prepended as a system message to every request without one"
     )
+    price: Price | None = Field(
+        None,
+        description="US dollars per million tokens ({input, output, cached_input, cache_write, "
+        "batch_discount}); unset: the shipped table's price for hosted OpenAI and Anthropic "
+        "models, nothing for the rest",
+        json_schema_extra=VOLATILE,
+    )
     backend_name: ClassVar[str]
+
+    def effective_price(self) -> Price | None:
+        """What this model's tokens cost: ``price``, else what the backend knows (the shipped
+        table, for a hosted API), else None (free: a local model or a self-hosted server)."""
+        return self.price
 
     def build(self) -> Backend:
         raise NotImplementedError

@@ -62,9 +62,41 @@ class Completion(BaseModel):
     )
 
 
+class Usage(BaseModel):
+    """What a provider billed for one request, as its ``usage`` says (all samples together).
+
+    Hosted APIs bill prompt tokens at up to three rates: uncached, read from their prompt cache
+    (OpenAI's automatic cache, Anthropic's ``cache_control`` breakpoints) and, on Anthropic, written
+    to it. A backend that knows nothing finer leaves it unset and the client counts
+    ``prompt_tokens`` as uncached input and the completions' tokens as output.
+    """
+
+    input_tokens: int = Field(0, ge=0, description="prompt tokens billed at the full input rate")
+    cached_input_tokens: int = Field(0, ge=0, description="prompt tokens read from a prompt cache")
+    cache_write_tokens: int = Field(0, ge=0, description="prompt tokens written to a prompt cache")
+    output_tokens: int = Field(0, ge=0, description="generated tokens, reasoning included")
+    batch: bool = Field(False, description="answered by a provider batch job (batch prices)")
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.input_tokens + self.cached_input_tokens + self.cache_write_tokens
+
+
 class GenerationResult(BaseModel):
     completions: list[Completion]
     prompt_tokens: int
+    usage: Usage | None = Field(
+        None, description="what the provider billed, where it said; None: local or unknown"
+    )
+
+    def billed(self) -> Usage:
+        """``usage``, or what the token counts imply when the backend gave none."""
+        if self.usage is not None:
+            return self.usage
+        return Usage(
+            input_tokens=self.prompt_tokens,
+            output_tokens=sum(c.completion_tokens for c in self.completions),
+        )
 
 
 class ScoreRequest(BaseModel):

@@ -12,12 +12,14 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
 from synthpref.backends.client import ModelClient
+from synthpref.backends.cost import CostMeter
 from synthpref.console import say
 from synthpref.errors import SynthprefError
 from synthpref.executor import checkpoints as ck
@@ -225,9 +227,12 @@ def build_clients(
     cache,
     on_tokens: Callable[[str, int], None] | None = None,
     warn: Callable[[str], None] = print,
+    meter: CostMeter | None = None,
+    on_cost: Callable[[str, float], None] | None = None,
 ) -> dict[str, dict[str, ModelClient]]:
-    """One client per (stage, model) for per-stage token counts; specs with the same backend key
-    share one backend, so each process loads a model's weights once. Gives every stage its context."""
+    """One client per (stage, model) for per-stage token and dollar counts; specs with the same
+    backend key share one backend, so each process loads a model's weights once. Gives every stage
+    its context. ``meter`` is the run's spending (and cap), shared by every client."""
     backends: dict[str, object] = {}
     clients: dict[str, dict[str, ModelClient]] = {}
     for stage in loaded.stages:
@@ -242,22 +247,40 @@ def build_clients(
                 if on_tokens is not None:
                     on_tokens(stage_name, n)
 
-            per[name] = ModelClient(name, spec, backends[key], cache, count)
+            def paid(dollars: float, stage_name: str = stage.name) -> None:
+                if on_cost is not None:
+                    on_cost(stage_name, dollars)
+
+            per[name] = ModelClient(
+                name, spec, backends[key], cache, count, meter=meter, on_cost=paid
+            )
         clients[stage.name] = per
         stage.ctx = StageContext(per, warn=warn)
     return clients
 
 
-def client_stats(clients: dict[str, dict[str, ModelClient]]) -> dict[str, dict[str, int]]:
-    """Calls, cache hits and tokens per stage, summed over its models."""
-    return {
-        stage: {
+def client_stats(clients: dict[str, dict[str, ModelClient]]) -> dict[str, dict[str, Any]]:
+    """Calls, cache hits, tokens and dollars per stage, summed over its models, and per model
+    (``models``: billed tokens by kind, batch calls, dollars) of this invocation."""
+    out: dict[str, dict[str, Any]] = {}
+    for stage, per in clients.items():
+        models = {
+            name: {
+                "calls": c.calls,
+                "cache_hits": c.cache_hits,
+                "tokens": c.tokens,
+                **asdict(c.spend),
+            }
+            for name, c in per.items()
+        }
+        out[stage] = {
             "calls": sum(c.calls for c in per.values()),
             "cache_hits": sum(c.cache_hits for c in per.values()),
             "tokens": sum(c.tokens for c in per.values()),
+            "dollars": sum(c.spend.dollars for c in per.values()),
+            "models": models,
         }
-        for stage, per in clients.items()
-    }
+    return out
 
 
 async def process_shard(

@@ -37,8 +37,8 @@ class WorkerCache:
             found.update(fetch_results(self._base, missing))
         return found
 
-    def put(self, key: str, kind: str, value: str) -> None:
-        self.own.put(key, kind, value)
+    def put(self, key: str, kind: str, value: str, dollars: float = 0.0, model: str = "") -> None:
+        self.own.put(key, kind, value, dollars, model)
 
     def close(self) -> None:
         self.own.close()
@@ -56,7 +56,7 @@ def _open_immutable(path: Path) -> sqlite3.Connection:
 def merge_worker_caches(run_dir: Path) -> int:
     """Fold every ``cache-workers/*.sqlite`` into ``cache.sqlite`` (results and journal) and delete
     it; then checkpoint the WAL so that workers' immutable readers see every result. Returns the
-    number of files merged. Only the driver calls this, while no worker runs."""
+    number of files merged (results, journal and spending). Only the driver calls this, while no worker runs."""
     folder = run_dir / WORKER_CACHE_DIR
     files = sorted(folder.glob("*.sqlite")) if folder.is_dir() else []
     RequestCache(run_dir / "cache.sqlite").close()  # creates the file and its tables if needed
@@ -71,6 +71,8 @@ def merge_worker_caches(run_dir: Path) -> int:
                     db.execute("INSERT OR IGNORE INTO results SELECT * FROM w.results")
                 if "journal" in tables:
                     db.execute("INSERT INTO journal SELECT * FROM w.journal")
+                if "spend" in tables:
+                    db.execute("INSERT INTO spend SELECT * FROM w.spend")
                 db.execute("COMMIT")
             finally:
                 db.execute("DETACH DATABASE w")

@@ -81,6 +81,19 @@ class OutputSpec(_Strict):
     )
 
 
+class BatchSettings(_Strict):
+    """How a run with ``mode: batch`` models waits for their provider batch jobs."""
+
+    wait: bool = Field(
+        True,
+        description="wait (polling) until every batch job has ended; false: submit, stop (exit "
+        "3), and let a later run collect",
+    )
+    poll_seconds: float = Field(
+        30.0, gt=0, le=3600, description="seconds between two checks of the pending batch jobs"
+    )
+
+
 class Settings(_Strict):
     shard_size: int = Field(
         64,
@@ -93,6 +106,17 @@ class Settings(_Strict):
         "skip", description="a malformed input row is skipped and logged, or stops the run"
     )
     max_concurrent_shards: int = Field(2, ge=1, le=1024, json_schema_extra=VOLATILE)
+    max_cost_usd: float | None = Field(
+        None,
+        gt=0,
+        description="stop cleanly before the run directory's model calls would cost more than "
+        "this many US dollars (prices: each model spec's price, or the shipped table); a rerun "
+        "with a higher cap resumes",
+        json_schema_extra=VOLATILE,
+    )
+    batch: BatchSettings = Field(
+        default_factory=BatchSettings, json_schema_extra=VOLATILE
+    )
 
 
 class Recipe(_Strict):
