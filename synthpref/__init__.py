@@ -76,12 +76,16 @@ def run(
     ``workers``, the number of model replicas (default: one per GPU, else one per node)."""
     from rich.console import Console
 
-    from synthpref.checks import check_run_dir_writable, checked_recipe
+    from synthpref.checks import check_run_dir_writable, checked_recipe, executor_problems
     from synthpref.console import say
     from synthpref.executor import create_executor
+    from synthpref.recipes.loader import RecipeError
 
     console = console or Console(stderr=True)
     loaded, warnings = checked_recipe(recipe, for_run=True)
+    problems = executor_problems(loaded, executor)
+    if problems:
+        raise RecipeError(str(loaded.path or "<recipe>"), problems)
     for warning in warnings:
         say(console, warning, label="warning:", style="yellow")
     if output is not None:

@@ -38,6 +38,7 @@ def checked_recipe(
 
     problems = recipe_problems(loaded.recipe.output.formats, loaded.stages)
     key_problems, key_warnings = api_key_notes(loaded)
+    key_warnings += cost_and_batch_notes(loaded)
     if for_run:
         problems += key_problems
     else:
@@ -68,6 +69,64 @@ def api_key_notes(loaded: LoadedRecipe) -> tuple[list[str], list[str]]:
                 "carry no API key; set it if that server wants one"
             )
     return problems, warnings
+
+
+def cost_and_batch_notes(loaded: LoadedRecipe) -> list[str]:
+    """Warnings about money: a hosted model without a price under ``max_cost_usd`` (its calls
+    could not be counted), and ``mode: batch`` models that some stage calls for scoring or reward
+    (only generation goes through batch jobs; those calls go online)."""
+    notes = []
+    capped = loaded.recipe.settings.max_cost_usd is not None
+    for stage in loaded.stages:
+        for name, needs in stage.requirements().items():
+            spec: Any = loaded.models.get(name)
+            if spec is None:
+                continue
+            if getattr(spec, "mode", "online") == "batch" and needs - {
+                "generate",
+                "json_schema",
+                "top_logprobs",
+                "prefill",
+            }:
+                what = " and ".join(sorted(needs & {"score", "reward"}))
+                notes.append(
+                    f"models.{name}.mode: batch covers generation only; stage {stage.name!r} asks "
+                    f"{name!r} for {what}, which goes online (at online prices)"
+                )
+    if capped:
+        used = {n for stage in loaded.stages for n in stage.models_used()}
+        for name in sorted(used & loaded.models.keys()):
+            spec = loaded.models[name]
+            # a hosted API (no base_url) bills; a self-hosted server or local model does not
+            hosted = getattr(spec, "base_url", "local") is None
+            if hosted and spec.effective_price() is None:
+                notes.append(
+                    f"models.{name}.price: {spec.display_name()!r} is not in the shipped price "
+                    "table, so its calls are not counted against settings.max_cost_usd; set "
+                    "price: {input: ..., output: ...} (US dollars per million tokens)"
+                )
+    return notes
+
+
+def executor_problems(loaded: LoadedRecipe, executor: str) -> list[str]:
+    """What the chosen executor cannot do: the Ray executor's workers keep their own caches, so
+    neither batch jobs (recorded in the run's cache) nor a run-wide spending cap work there."""
+    if executor == "local":
+        return []
+    problems = []
+    if loaded.recipe.settings.max_cost_usd is not None:
+        problems.append(
+            f"settings.max_cost_usd: the {executor} executor cannot enforce a spending cap "
+            "(workers spend independently); run with the local executor or remove the cap"
+        )
+    for name, spec in loaded.models.items():
+        if getattr(spec, "mode", "online") == "batch":
+            problems.append(
+                f"models.{name}.mode: batch jobs are recorded in the run's own cache, which the "
+                f"{executor} executor's workers do not write; use the local executor (the "
+                "provider does the work in batch mode anyway) or mode: online"
+            )
+    return problems
 
 
 def _is_local(base_url: str) -> bool:

@@ -1,12 +1,15 @@
 """A scripted Anthropic Messages API on 127.0.0.1, enough of it for the official ``anthropic`` SDK.
 
 ``POST /v1/messages`` takes ``model``, ``max_tokens``, ``messages``, ``system`` (a string or text
-blocks), ``temperature``, ``top_p``, ``stop_sequences`` and ``metadata``; a ``policy`` decides each
-answer from the request body. Whatever the policy writes, the server then behaves as the API does
-around it: it refuses what the API refuses (no key, a temperature outside 0..1, a pre-filled reply
-that ends in whitespace), cuts the text at the first stop sequence or at ``max_tokens`` (a token
-here is a whitespace-separated word) with the matching ``stop_reason``, and reports ``usage`` with a
-prompt cache: the text up to each ``cache_control`` breakpoint (a block counts a token per four
+blocks), ``temperature``, ``top_p``, ``stop_sequences``, ``metadata`` and ``thinking``; a ``policy``
+decides each answer from the request body. Whatever the policy writes, the server then behaves as the
+API does around it: it refuses what the API refuses (no key, a temperature outside 0..1, a pre-filled
+reply that ends in whitespace; with ``thinking`` enabled, a budget under 1024 or not below
+``max_tokens``, a temperature other than 1, a top_p under 0.95 and a pre-filled reply), returns the
+policy's ``thinking``/``redacted_thinking`` blocks (see :func:`thinking`) only when thinking is
+enabled, counts thinking words first against ``max_tokens`` (a token here is a whitespace-separated
+word) and in ``output_tokens``, cuts the text at the first stop sequence or at what is left of
+``max_tokens`` with the matching ``stop_reason``, and reports ``usage`` with a prompt cache: the text up to each ``cache_control`` breakpoint (a block counts a token per four
 characters) is written on first sight (``cache_creation_input_tokens``) and read afterwards
 (``cache_read_input_tokens``), once the request that wrote it has been answered (``latency``
 seconds after it arrived); no minimum length.
@@ -37,6 +40,20 @@ API_KEY = "sk-ant-test"
 def text(reply: str) -> Reply:
     """A successful answer whose whole text is ``reply`` (the server cuts it and counts usage)."""
     return 200, {"content": [{"type": "text", "text": reply}], "stop_reason": "end_turn"}, {}
+
+
+def thinking(reasoning: str, reply: str, redacted: bool = False) -> Reply:
+    """An answer from a model that thinks: a ``thinking`` block holding ``reasoning`` (with
+    ``redacted``, a ``redacted_thinking`` block after it too), then ``reply`` as the text. The
+    server drops the thinking blocks when the request did not enable thinking, as the API sends
+    none then."""
+    blocks: list[dict[str, Any]] = [
+        {"type": "thinking", "thinking": reasoning, "signature": "fake-signature"}
+    ]
+    if redacted:
+        blocks.append({"type": "redacted_thinking", "data": "ZW5jcnlwdGVk"})
+    blocks.append({"type": "text", "text": reply})
+    return 200, {"content": blocks, "stop_reason": "end_turn"}, {}
 
 
 def failure(status: int, kind: str, message: str, **headers: str) -> Reply:
@@ -100,22 +117,24 @@ class FakeAnthropicServer(FakeServer):
     ) -> dict[str, Any]:
         words = "".join(b["text"] for b in reply["content"] if b["type"] == "text")
         stop_reason, stop_sequence = reply.get("stop_reason", "end_turn"), None
+        thought, left = _thought(body, reply["content"])
         hits = [(words.find(s), s) for s in body.get("stop_sequences") or [] if s in words]
         if hits:
             at, stop_sequence = min(hits)
             words, stop_reason = words[:at], "stop_sequence"
-        if len(words.split()) > body["max_tokens"]:
-            words = " ".join(words.split()[: body["max_tokens"]])
+        if left is None or len(words.split()) > left:
+            words = " ".join(words.split()[: left or 0])
             stop_reason, stop_sequence = "max_tokens", None
+        thought_tokens = sum(len(b.get("thinking", "").split()) for b in thought)
         return {
             "id": f"msg_fake_{len(self.requests)}",
             "type": "message",
             "role": "assistant",
             "model": body["model"],
-            "content": [{"type": "text", "text": words}] if words else [],
+            "content": thought + ([{"type": "text", "text": words}] if words else []),
             "stop_reason": stop_reason,
             "stop_sequence": stop_sequence,
-            "usage": {**usage, "output_tokens": len(words.split())},
+            "usage": {**usage, "output_tokens": thought_tokens + len(words.split())},
         }
 
     def _prompt_usage(self, body: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
@@ -170,6 +189,33 @@ class FakeAnthropicServer(FakeServer):
         return Handler
 
 
+def _thinks(body: dict[str, Any]) -> bool:
+    return (body.get("thinking") or {}).get("type") == "enabled"
+
+
+def _thought(
+    body: dict[str, Any], content: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], int | None]:
+    """The thinking blocks of a policy's reply as sent (none unless the request enabled
+    thinking; cut at ``max_tokens`` words), and the tokens left for the text (None: none, the
+    thinking used them all)."""
+    if not _thinks(body):
+        return [], body["max_tokens"]
+    left = body["max_tokens"]
+    out: list[dict[str, Any]] = []
+    for block in content:
+        if block["type"] == "redacted_thinking":
+            out.append(block)
+        elif block["type"] == "thinking":
+            words = block["thinking"].split()
+            if len(words) >= left:
+                out.append({**block, "thinking": " ".join(words[:left])})
+                return out, None
+            left -= len(words)
+            out.append(block)
+    return out, left
+
+
 def _invalid(body: dict[str, Any]) -> str | None:
     """What the API would refuse in ``body`` (a few of its checks), or None."""
     for field in ("model", "max_tokens", "messages"):
@@ -180,6 +226,10 @@ def _invalid(body: dict[str, Any]) -> str | None:
     if not 0 <= body.get("temperature", 1) <= 1:
         return "temperature: range: 0..1"
     last = body["messages"][-1]
+    if body.get("thinking") is not None:
+        refused = _invalid_thinking(body, last)
+        if refused:
+            return refused
     if (
         last["role"] == "assistant"
         and _joined(last["content"]) != _joined(last["content"]).rstrip()
@@ -187,6 +237,30 @@ def _invalid(body: dict[str, Any]) -> str | None:
         return "messages: final assistant content cannot end with trailing whitespace"
     if any(m["role"] not in ("user", "assistant") for m in body["messages"]):
         return "messages: roles must be user or assistant"
+    return None
+
+
+def _invalid_thinking(body: dict[str, Any], last: dict[str, Any]) -> str | None:
+    """The API's checks of the ``thinking`` parameter and of what it cannot go with."""
+    config = body["thinking"]
+    if config.get("type") == "disabled":
+        return None
+    if config.get("type") != "enabled":
+        return f"thinking.type: Input should be 'enabled' or 'disabled', got {config.get('type')!r}"
+    budget = config.get("budget_tokens")
+    if not isinstance(budget, int) or budget < 1024:
+        return "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+    if body["max_tokens"] <= budget:
+        return "`max_tokens` must be greater than `thinking.budget_tokens`"
+    if body.get("temperature", 1) != 1:
+        return "`temperature` may only be set to 1 when thinking is enabled"
+    if not 0.95 <= body.get("top_p", 1) <= 1:
+        return "`top_p` must be between 0.95 and 1 when thinking is enabled"
+    if last["role"] == "assistant":
+        return (
+            "messages: when `thinking` is enabled, a final `assistant` message must start with a "
+            "thinking block"
+        )
     return None
 
 

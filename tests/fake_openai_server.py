@@ -86,25 +86,37 @@ def with_headers(reply: Reply, **headers: str) -> ReplyWithHeaders:
     return reply[0], reply[1], {k.replace("_", "-"): v for k, v in headers.items()}
 
 
-def chat_reply(texts: list[str], prompt_tokens: int = 10) -> Reply:
-    """A chat completion with one choice per text, in order."""
+def chat_reply(
+    texts: list[str],
+    prompt_tokens: int = 10,
+    cached_tokens: int | None = None,
+    completion_tokens: int | None = None,
+    usage: bool = True,
+) -> Reply:
+    """A chat completion with one choice per text, in order. Its ``usage`` says ``prompt_tokens``,
+    ``completion_tokens`` (unset: one per text) and, when ``cached_tokens`` is given, OpenAI's
+    ``prompt_tokens_details.cached_tokens`` (those of the prompt read from its cache); ``usage``
+    false leaves the field out, as some servers do."""
     choices = [
         {"index": k, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
         for k, t in enumerate(texts)
     ]
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(texts), "total_tokens": 0}
-    return 200, _completion("chat.completion", choices, usage)
-
-
-def _completion(obj: str, choices: list, usage: dict) -> dict[str, Any]:
-    return {
-        "id": "fake",
-        "object": obj,
-        "created": 0,
-        "model": "fake",
-        "choices": choices,
-        "usage": usage,
+    completion = len(texts) if completion_tokens is None else completion_tokens
+    counts: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
     }
+    if cached_tokens is not None:
+        counts["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return 200, _completion("chat.completion", choices, counts if usage else None)
+
+
+def _completion(obj: str, choices: list, usage: dict | None) -> dict[str, Any]:
+    body = {"id": "fake", "object": obj, "created": 0, "model": "fake", "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    return body
 
 
 class FakeServer:

@@ -33,10 +33,27 @@ Prompt caching (``prompt_caching: true``, the default): the system prompt is mar
 requests that share it). A cache entry exists only once the first request that writes it is
 answered, so among the requests of one batch that share a long marked prefix, the first is sent
 alone and the others wait for it: they then read the prefix at a tenth of the input price instead
-of each writing it at 1.25 times. The shared result types have no field for cached tokens, so
-``GenerationResult.prompt_tokens`` counts every prompt token (uncached, written and read) and the
-backend's ``usage`` counter keeps the API's own four numbers (``input_tokens``,
-``cache_creation_input_tokens``, ``cache_read_input_tokens``, ``output_tokens``) summed over calls.
+of each writing it at 1.25 times.
+
+Usage: each result's ``GenerationResult.usage`` is what the API billed, its four numbers summed over
+the request's ``n`` calls: ``input_tokens`` (uncached), ``cache_read_input_tokens`` ->
+``cached_input_tokens``, ``cache_creation_input_tokens`` -> ``cache_write_tokens`` and
+``output_tokens`` (thinking included). ``GenerationResult.prompt_tokens`` is the prompt's length once
+(uncached, written and read together, from the first call) and the backend's ``usage`` counter keeps
+the API's four numbers summed over every call. On the Anthropic API itself a model's price comes from
+the shipped table unless its spec names one (:meth:`AnthropicSpec.effective_price`); a gateway
+(``base_url``) costs nothing unless its spec names a price.
+
+Extended thinking (``thinking_budget: N``, at least 1024): every request is sent with
+``thinking: {"type": "enabled", "budget_tokens": N}`` and ``max_tokens`` = N + the request's
+``max_tokens`` (the API counts thinking within ``max_tokens`` and requires it above the budget, so the
+request's own limit is what is left for the answer once the budget is spent). ``thinking`` blocks
+become ``Completion.reasoning`` (their text joined in order, blank-line separated) and ``text``
+blocks the answer, so judges parse verdicts from the answer only; ``redacted_thinking`` blocks
+(encrypted by the API) add nothing readable: a reply whose thinking was all redacted has reasoning
+``""``, a reply with no thinking at all ``None``. The API refuses a pre-filled reply and a
+temperature or top_p other than the defaults with thinking, so ``thinking_budget`` cannot be
+combined with ``prefill: true`` or ``sampling_params: true`` (refused when the spec is read).
 
 Failures are typed as the OpenAI backend types them (:mod:`synthpref.backends.openai_backend`):
 timeouts, dropped connections, 408, 429, 529 and other 5xx are retried (honouring ``retry-after``)
@@ -57,7 +74,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from synthpref.backends.base import (
     Backend,
@@ -75,9 +92,10 @@ from synthpref.backends.openai_backend import (
     _preview,
     _server_message,
 )
+from synthpref.backends.pricing import Price, shipped_price
 from synthpref.backends.rate_limit import retry_after
 from synthpref.backends.specs import VOLATILE, ModelSpec, missing_api_key
-from synthpref.backends.types import Completion, GenerationRequest, GenerationResult
+from synthpref.backends.types import Completion, GenerationRequest, GenerationResult, Usage
 from synthpref.backends.window import AIMDWindow, AsyncWindow, Signal
 
 if TYPE_CHECKING:
@@ -100,6 +118,9 @@ FINISH_REASONS = {
     "max_tokens": "length",
     "model_context_window_exceeded": "length",
 }
+
+#: the smallest ``budget_tokens`` the API accepts
+MIN_THINKING_BUDGET = 1024
 
 USAGE_FIELDS = (
     "input_tokens",
@@ -172,9 +193,42 @@ class AnthropicSpec(ModelSpec):
         "with cache_control so the API reads them from its prompt cache (outputs are unchanged)",
         json_schema_extra=VOLATILE,
     )
+    thinking_budget: int | None = Field(
+        None,
+        ge=MIN_THINKING_BUDGET,
+        description="turn extended thinking on with this many tokens for it (at least 1024): the "
+        "thinking is kept as each reply's reasoning, apart from its answer, and max_tokens is sent "
+        "as the budget plus the request's max_tokens; cannot be combined with prefill or "
+        "sampling_params (the API refuses both with thinking); unset: no thinking",
+    )
+
+    @model_validator(mode="after")
+    def _thinking_takes_no_prefill_or_sampling(self) -> AnthropicSpec:
+        problem = thinking_conflict(self.thinking_budget, self.prefill, self.sampling_params)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     def missing_key(self) -> str | None:
         return missing_key(self.api_key_env, self.base_url)
+
+    def effective_price(self) -> Price | None:
+        """``price``, else the shipped table's price of ``model`` on the Anthropic API itself
+        (``base_url`` unset or the API's own address); a gateway costs nothing unless its spec
+        names a price. None also for a model the table does not list."""
+        if self.price is not None:
+            return self.price
+        if self.base_url is None or self.base_url.rstrip("/").removesuffix("/v1") == API_URL:
+            return shipped_price("anthropic", self.model)
+        return None
+
+    def result_fields(self) -> dict[str, Any]:
+        """``thinking_budget`` enters only when set, so specs without thinking keep their
+        fingerprints."""
+        out = super().result_fields()
+        if out.get("thinking_budget") is None:
+            out.pop("thinking_budget", None)
+        return out
 
     def build(self) -> Backend:
         return AnthropicBackend(
@@ -187,6 +241,7 @@ class AnthropicSpec(ModelSpec):
             prompt_caching=self.prompt_caching,
             prefill=self.prefill,
             sampling_params=self.sampling_params,
+            thinking_budget=self.thinking_budget,
         )
 
     def capabilities(self) -> frozenset[str]:
@@ -199,6 +254,26 @@ class AnthropicSpec(ModelSpec):
 def missing_key(env: str, base_url: str | None) -> str | None:
     """The Anthropic API itself (no ``base_url``) requires a key; a gateway may not."""
     return missing_api_key("Anthropic", env, base_url, "a gateway that needs none")
+
+
+def thinking_conflict(budget: int | None, prefill: bool, sampling_params: bool) -> str | None:
+    """Why these settings cannot go together, or None: with extended thinking the API refuses a
+    pre-filled reply, and a temperature or top_p other than their defaults."""
+    if budget is None:
+        return None
+    if budget < MIN_THINKING_BUDGET:
+        return f"thinking_budget must be at least {MIN_THINKING_BUDGET} tokens, got {budget}"
+    if prefill:
+        return (
+            "thinking_budget cannot be combined with prefill: true: the API refuses a pre-filled "
+            "reply when extended thinking is on (judges then ask without pre-filling)"
+        )
+    if sampling_params:
+        return (
+            "thinking_budget cannot be combined with sampling_params: true: the API refuses a "
+            "temperature or top_p other than the defaults when extended thinking is on"
+        )
+    return None
 
 
 class AnthropicBackend(Backend):
@@ -224,9 +299,14 @@ class AnthropicBackend(Backend):
         prompt_caching: bool = True,
         prefill: bool = False,
         sampling_params: bool = False,
+        thinking_budget: int | None = None,
         retry_initial_wait: float = 1.0,
         retry_max_wait: float = 60.0,
     ) -> None:
+        problem = thinking_conflict(thinking_budget, prefill, sampling_params)
+        if problem:
+            raise BackendError(problem)
+        self.thinking_budget = thinking_budget
         self.model = model
         self.base_url = base_url.rstrip("/") if base_url else None
         self.api_key_env = api_key_env
@@ -264,9 +344,11 @@ class AnthropicBackend(Backend):
     @property
     def identity(self) -> str:
         """The address and the model name, as for the OpenAI backend: the weights behind a name
-        cannot be seen, so pin a dated model name."""
+        cannot be seen, so pin a dated model name. A thinking budget changes every reply (and its
+        ``max_tokens``), so it is part of the identity when set."""
         host = self.base_url or API_URL.removeprefix("https://")
-        return f"anthropic:{host}:{self.model}"
+        thinking = f":thinking={self.thinking_budget}" if self.thinking_budget else ""
+        return f"anthropic:{host}:{self.model}{thinking}"
 
     def supports(self, capability: Capability) -> bool:
         return capability in self.capabilities or (capability == "prefill" and self.prefill)
@@ -323,6 +405,11 @@ class AnthropicBackend(Backend):
                 f"request {i}: the Anthropic API accepts temperature from 0 to 1, got "
                 f"{p.temperature}; lower it in the stage's parameters"
             )
+        if req.continue_final_message and self.thinking_budget:
+            raise CapabilityError(
+                f"request {i} pre-fills the reply, which the API refuses with extended thinking "
+                "(thinking_budget): ask without a pre-filled reply"
+            )
         if req.continue_final_message and not self.prefill:
             raise CapabilityError(
                 f"request {i} pre-fills the reply, which this spec does not allow: set prefill: "
@@ -361,6 +448,11 @@ class AnthropicBackend(Backend):
             "max_tokens": p.max_tokens,
             "messages": turns,
         }
+        if self.thinking_budget:
+            # thinking counts within max_tokens, which must exceed the budget: the request's own
+            # max_tokens is what is left for the answer once the budget is spent
+            kwargs["thinking"] = {"type": "enabled", "budget_tokens": self.thinking_budget}
+            kwargs["max_tokens"] = self.thinking_budget + p.max_tokens
         if system_text:  # an empty system prompt is left out (the API refuses empty text blocks)
             kwargs["system"] = [_cached_block(system_text)] if self.prompt_caching else system_text
         marked: tuple[str, ...] | None = None
@@ -416,8 +508,11 @@ class AnthropicBackend(Backend):
         return waits, leads
 
     def _result(self, i: int, replies: Sequence[Any], stripped: bool) -> GenerationResult:
+        """One request's replies (one per sample) as a result: the text blocks are the answer, the
+        thinking blocks its reasoning, and ``usage`` the API's four counts summed over the replies."""
         completions = []
         prompt_tokens = 0
+        billed: Counter[str] = Counter()
         for k, reply in enumerate(replies):
             content = getattr(reply, "content", None)
             usage = getattr(reply, "usage", None)
@@ -426,7 +521,8 @@ class AnthropicBackend(Backend):
                     f"request {i}: {self.where} answered without content or usage; got "
                     f"{_preview(reply)}"
                 )
-            # thinking blocks and the like are not the answer
+            counts = {f: int(getattr(usage, f, None) or 0) for f in USAGE_FIELDS}
+            billed.update(counts)
             text = "".join(b.text for b in content if getattr(b, "type", None) == "text")
             if stripped:
                 text = text.lstrip()
@@ -435,14 +531,41 @@ class AnthropicBackend(Backend):
                 Completion(
                     text=text,
                     finish_reason=FINISH_REASONS.get(stop, stop),
-                    completion_tokens=int(usage.output_tokens or 0),
+                    completion_tokens=counts["output_tokens"],
+                    reasoning=_thinking(content),
                 )
             )
             if k == 0:
-                prompt_tokens = sum(
-                    int(getattr(usage, f, None) or 0) for f in USAGE_FIELDS if f != "output_tokens"
-                )
-        return GenerationResult(completions=completions, prompt_tokens=prompt_tokens)
+                prompt_tokens = sum(v for f, v in counts.items() if f != "output_tokens")
+        return GenerationResult(
+            completions=completions,
+            prompt_tokens=prompt_tokens,
+            usage=Usage(
+                input_tokens=billed["input_tokens"],
+                cached_input_tokens=billed["cache_read_input_tokens"],
+                cache_write_tokens=billed["cache_creation_input_tokens"],
+                output_tokens=billed["output_tokens"],
+            ),
+        )
+
+    # batch mode -------------------------------------------------------------------------------
+
+    async def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        keys: Sequence[str],
+        cache: Any,
+        on_result: OnGenerated | None = None,
+    ) -> list[GenerationResult]:
+        """One pass of ``mode: batch`` over these requests (:mod:`synthpref.backends.batch`)."""
+        from synthpref.backends.anthropic_batch import AnthropicBatches
+        from synthpref.backends.batch import run_batch
+
+        # lines submitted per (key, sample) by this backend object: bounds resubmissions per run
+        submissions = self.__dict__.setdefault("_batch_submissions", {})
+        return await run_batch(
+            AnthropicBatches(self), self.identity, requests, keys, cache, on_result, submissions
+        )
 
     # plumbing ---------------------------------------------------------------------------------
 
@@ -516,6 +639,18 @@ class AnthropicBackend(Backend):
             529: "; the API is overloaded: a rerun resumes where this one stopped",
         }
         return text + hints.get(status, "")
+
+
+def _thinking(content: Sequence[Any]) -> str | None:
+    """The reply's reasoning: its ``thinking`` blocks' text, in order, blank-line separated.
+    ``redacted_thinking`` blocks (encrypted) add nothing readable, so a reply whose thinking was
+    all redacted gives ``""``; a reply without thinking blocks gives None."""
+    blocks = [b for b in content if getattr(b, "type", None) in ("thinking", "redacted_thinking")]
+    if not blocks:
+        return None
+    return "\n\n".join(
+        b.thinking for b in blocks if b.type == "thinking" and getattr(b, "thinking", None)
+    )
 
 
 def _cached_block(text: str) -> dict[str, Any]:

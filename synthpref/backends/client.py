@@ -73,6 +73,10 @@ class ModelClient:
     cache_hits: int = 0
     tokens: int = 0
     spend: Spend = field(default_factory=Spend)
+    #: every result this client returned, cache hits included, as billed when it was computed and
+    #: priced now at online rates: what the work costs (``synthpref estimate`` projects from it)
+    work: Spend = field(default_factory=Spend)
+    requests: int = 0
 
     def __post_init__(self) -> None:
         self.price: Price | None = self.spec.effective_price()
@@ -151,6 +155,10 @@ class ModelClient:
             else:
                 todo.setdefault(key, []).append(i)
         self.cache_hits += len(requests) - sum(len(v) for v in todo.values())
+        self.requests += len(requests)
+        for result in results:
+            if result is not None:
+                self._count_work(result)
         if not todo:
             return results
         unique = list(todo)
@@ -171,12 +179,15 @@ class ModelClient:
                 self.spend.add(usage, dollars)
                 if dollars and self.on_cost:
                     self.on_cost(dollars)
+            if batch_mode:  # a request waits on a job over several passes: count it once, answered
+                self.calls += 1
             n = count_tokens(result)
             self.tokens += n
             if self.on_tokens:
                 self.on_tokens(n)
 
-        self.calls += len(batch)
+        if not batch_mode:
+            self.calls += len(batch)
         if batch:
             if batch_mode:
                 fresh = await self.backend.generate_batch(batch, unique, self.cache, on_result)
@@ -185,10 +196,17 @@ class ModelClient:
             for key, result in zip(unique, fresh, strict=True):
                 for i in todo[key]:
                     results[i] = result
+                    self._count_work(result)
         if held:
             assert self.meter is not None
             raise self.meter.exceeded(f"{held} more call(s) to model {self.name!r}")
         return results
+
+    def _count_work(self, result) -> None:
+        if isinstance(result, GenerationResult):
+            usage = result.billed()
+            online = usage.model_copy(update={"batch": False})
+            self.work.add(usage, self.price.cost(online) if self.price is not None else 0.0)
 
     def _book(self, keys, requests, ceiling, batch: bool) -> list[float]:
         """Book each request's most expensive outcome, in order, until one does not fit under the

@@ -34,6 +34,7 @@ class CostMeter:
         self.spent = 0.0
         self.booked = 0.0
         self.held_back = 0
+        self.refused = 0.0  # the ceiling of the last request that did not fit
         self._lock = threading.Lock()
 
     @property
@@ -47,6 +48,7 @@ class CostMeter:
         with self._lock:
             if self.cap is not None and self.total + self.booked + ceiling > self.cap + 1e-12:
                 self.held_back += 1
+                self.refused = ceiling
                 return False
             self.booked += ceiling
             return True
@@ -58,9 +60,12 @@ class CostMeter:
             self.spent += dollars
 
     def exceeded(self, what: str) -> BudgetExceeded:
+        left = max(0.0, (self.cap or 0.0) - self.total)
         return BudgetExceeded(
             f"stopped before passing settings.max_cost_usd = ${self.cap:.2f}: this run directory "
-            f"has spent ${self.total:.4f} (${self.spent:.4f} in this invocation), and {what} "
-            "could cost more than what is left. Everything finished is checkpointed and cached: "
-            "raise max_cost_usd (or remove it) and run the same command to resume."
+            f"has spent ${self.total:.4f} (${self.spent:.4f} in this invocation), ${left:.4f} is "
+            f"left, and {what} could cost up to ${self.refused:.4f} each (prompt at the highest "
+            "input rate, max_tokens of every sample at the output rate). Everything finished is "
+            "checkpointed and cached: raise max_cost_usd (or remove it) and run the same command "
+            "to resume."
         )

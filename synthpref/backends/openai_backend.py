@@ -29,6 +29,11 @@ holds every request not yet sent (:mod:`synthpref.backends.rate_limit`); optiona
 ``requests_per_minute``/``tokens_per_minute`` caps space the sends so the provider's limits are not hit
 in the first place; and a server that rejects ``n > 1`` (Anthropic's OpenAI-compatible endpoint and
 several hosts) gets each such request as ``n`` single requests, seeds ``seed + k``, once it has said so.
+
+Each generation result carries what the server billed (``GenerationResult.usage``, from the response's
+``usage``: cached prompt tokens apart, see :func:`_billed`); on the OpenAI API itself a model's price
+comes from the shipped table unless its spec names one (:meth:`OpenAISpec.effective_price`), and a
+self-hosted server costs nothing.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from synthpref.backends.base import (
     RequestError,
     TransientBackendError,
 )
+from synthpref.backends.pricing import Price, shipped_price
 from synthpref.backends.rate_limit import RateLimiter, retry_after
 from synthpref.backends.segments import SegmentError, render_segment
 from synthpref.backends.specs import VOLATILE, ModelSpec, missing_api_key
@@ -66,6 +72,7 @@ from synthpref.backends.types import (
     RewardResult,
     ScoreRequest,
     ScoreResult,
+    Usage,
 )
 from synthpref.backends.window import AIMDWindow, AsyncWindow, Signal
 
@@ -78,6 +85,9 @@ T = TypeVar("T")
 
 #: what a server without authentication is sent; vLLM and most local servers accept any key
 NO_KEY = "EMPTY"
+
+#: the OpenAI API's own address (the SDK's default base_url)
+API_URL = "https://api.openai.com/v1"
 
 
 class OpenAISpec(ModelSpec):
@@ -178,6 +188,16 @@ class OpenAISpec(ModelSpec):
 
     def missing_key(self) -> str | None:
         return missing_key(self.api_key_env, self.base_url)
+
+    def effective_price(self) -> Price | None:
+        """``price``, else the shipped table's price of ``model`` on the OpenAI API itself
+        (``base_url`` unset or the API's own address); a self-hosted server costs nothing unless
+        its spec names a price. None also for a hosted model the table does not list."""
+        if self.price is not None:
+            return self.price
+        if self.base_url is None or self.base_url.rstrip("/") == API_URL:
+            return shipped_price("openai", self.model)
+        return None
 
     def build(self) -> Backend:
         return OpenAIBackend(
@@ -454,7 +474,8 @@ class OpenAIBackend(Backend):
         request for seed ``s`` shares its samples with requests for seeds ``s+1``, ``s+2`` ...,
         as ``n`` separate requests of a generate stage with consecutive seeds would.
         ``prompt_tokens`` is the prompt's length, once, as for an unsplit request, though the
-        server was sent (and bills) the prompt ``n`` times.
+        server was sent (and bills) the prompt ``n`` times: ``usage`` is the parts' usage summed,
+        what was billed (None when no part reported any).
         """
         p = req.params
         singles = [
@@ -468,9 +489,19 @@ class OpenAIBackend(Backend):
             for k in range(p.n)
         ]
         parts = await self._run_all(len(singles), lambda k: self._chat(client, i, singles[k]), None)
+        usage = None
+        if any(part.usage is not None for part in parts):
+            billed = [part.billed() for part in parts]
+            usage = Usage(
+                input_tokens=sum(u.input_tokens for u in billed),
+                cached_input_tokens=sum(u.cached_input_tokens for u in billed),
+                cache_write_tokens=sum(u.cache_write_tokens for u in billed),
+                output_tokens=sum(u.output_tokens for u in billed),
+            )
         return GenerationResult(
             completions=[part.completions[0] for part in parts],
             prompt_tokens=parts[0].prompt_tokens,
+            usage=usage,
         )
 
     def _token_estimate(self, req: GenerationRequest) -> int:
@@ -588,7 +619,31 @@ class OpenAIBackend(Backend):
                 )
             )
         prompt_tokens = getattr(usage, "prompt_tokens", None)
-        return GenerationResult(completions=completions, prompt_tokens=int(prompt_tokens or 0))
+        return GenerationResult(
+            completions=completions,
+            prompt_tokens=int(prompt_tokens or 0),
+            usage=_billed(usage, completions),
+        )
+
+    # batch mode -------------------------------------------------------------------------------
+
+    async def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        keys: Sequence[str],
+        cache: Any,
+        on_result: OnGenerated | None = None,
+    ) -> list[GenerationResult]:
+        """One pass of ``mode: batch`` over these requests (:mod:`synthpref.backends.batch`)."""
+        from synthpref.backends.batch import run_batch
+        from synthpref.backends.openai_batch import OpenAIBatches
+
+        self._not_a_reward_model("generate")
+        # lines submitted per (key, sample) by this backend object: bounds resubmissions per run
+        submissions = self.__dict__.setdefault("_batch_submissions", {})
+        return await run_batch(
+            OpenAIBatches(self), self.identity, requests, keys, cache, on_result, submissions
+        )
 
     # scoring ----------------------------------------------------------------------------------
 
@@ -837,6 +892,24 @@ class OpenAIBackend(Backend):
                 )
             return msg
         return f"request {i} to {self.where} failed{tries}: {_describe(exc)}"
+
+
+def _billed(usage: Any, completions: list[Completion]) -> Usage | None:
+    """What a chat completion's ``usage`` says was billed: ``prompt_tokens_details.cached_tokens``
+    read from the prompt cache (absent: none), the rest of ``prompt_tokens`` at the input rate, and
+    ``completion_tokens`` (reasoning tokens included, on OpenAI) as output. None when the server
+    reported no usage (the client then counts the token counts as uncached input and output)."""
+    if usage is None:
+        return None
+    prompt = int(getattr(usage, "prompt_tokens", None) or 0)
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached = min(int(getattr(details, "cached_tokens", None) or 0), prompt)
+    output = getattr(usage, "completion_tokens", None)
+    if output is None:
+        output = sum(c.completion_tokens for c in completions)
+    return Usage(
+        input_tokens=prompt - cached, cached_input_tokens=cached, output_tokens=int(output)
+    )
 
 
 #: request fields whose value is the input itself: a 4xx naming one (``param``) is about this request

@@ -81,6 +81,16 @@ class Usage(BaseModel):
     def prompt_tokens(self) -> int:
         return self.input_tokens + self.cached_input_tokens + self.cache_write_tokens
 
+    def __add__(self, other: Usage) -> Usage:
+        """Two requests' usage together (batch if either was)."""
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            cached_input_tokens=self.cached_input_tokens + other.cached_input_tokens,
+            cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            batch=self.batch or other.batch,
+        )
+
 
 class GenerationResult(BaseModel):
     completions: list[Completion]

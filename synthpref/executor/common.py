@@ -21,7 +21,7 @@ from rich.console import Console
 from synthpref.backends.client import ModelClient
 from synthpref.backends.cost import CostMeter
 from synthpref.console import say
-from synthpref.errors import SynthprefError
+from synthpref.errors import RunPaused, SynthprefError
 from synthpref.executor import checkpoints as ck
 from synthpref.executor.durable import write_json, write_jsonl
 from synthpref.executor.fingerprint import digest, input_fingerprint, stage_fingerprints
@@ -292,6 +292,8 @@ async def process_shard(
     t0 = time.perf_counter()
     try:
         out = await stage.process([r.model_copy(deep=True) for r in records])
+    except RunPaused:
+        raise  # a clean stop the executor handles: not a failure of this stage
     except Exception as exc:
         raise RunError(
             f"stage {stage.name!r} ({stage.type_name}) failed on shard {k} "

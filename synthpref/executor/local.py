@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any
 
+from synthpref.backends.batch import BatchPending
+from synthpref.backends.cost import BudgetExceeded, CostMeter
 from synthpref.cache import RequestCache
+from synthpref.errors import RunPaused
 from synthpref.executor.common import (
     Executor,
     RunError,
@@ -50,6 +54,8 @@ class LocalExecutor(Executor):
         super().__init__(loaded, **options)
         self.records = records  # pre-built records instead of the recipe's source (eval-judges)
         self.input_errors = input_errors
+        #: per stage, per model: the clients of the last run (``synthpref estimate`` reads them)
+        self.clients: dict[str, dict[str, Any]] = {}
 
     # public -------------------------------------------------------------------------------------
 
@@ -57,6 +63,11 @@ class LocalExecutor(Executor):
         return asyncio.run(self.arun())
 
     async def arun(self) -> RunResult:
+        """Passes over the shards until none is paused: a shard whose stage waits on provider
+        batch jobs is passed over (the shards after it go on) and taken up again by the next pass,
+        ``settings.batch.poll_seconds`` later, or by the next run with ``settings.batch.wait``
+        false. A spending cap reached pauses every shard that needs more calls; the shards and
+        calls in flight finish first, so nothing paid for is lost."""
         t0 = time.perf_counter()
         plan = plan_run(
             self.loaded,
@@ -66,21 +77,76 @@ class LocalExecutor(Executor):
             input_errors=self.input_errors,
             warn=self._warn,
         )
-        tally = self._tally(plan)
+        settings = self.recipe.settings
         cache = RequestCache(self.run_dir / "cache.sqlite")
+        meter = CostMeter(settings.max_cost_usd, spent_before=cache.spent())
         try:
-            with tally:
-                clients = build_clients(self.loaded, cache, tally.progress.tokens, self._warn)
-                await self._pipeline(plan, tally)
+            clients = None
+            while True:
+                tally = self._tally(plan)
+                with tally:
+                    if clients is None:
+                        clients = build_clients(
+                            self.loaded,
+                            cache,
+                            tally.progress.tokens,
+                            self._warn,
+                            meter=meter,
+                            on_cost=tally.progress.cost,
+                        )
+                        self.clients = clients
+                    else:
+                        self._rewire(clients, tally)
+                    paused = await self._pipeline(plan, tally)
+                if not paused:
+                    break
+                budget = [p for p in paused if isinstance(p.error, BudgetExceeded)]
+                if budget:
+                    raise BudgetExceeded(f"{budget[0].error}\n{self._how_far(plan, paused)}")
+                if not settings.batch.wait:
+                    raise BatchPending(
+                        f"{self._how_far(plan, paused)}\nSubmitted to the provider; run the "
+                        "same command later to collect (nothing is submitted twice).",
+                        jobs=sorted({j for p in paused for j in p.error.jobs}),
+                    )
+                self._warn(
+                    f"{self._how_far(plan, paused)}\nchecking again in "
+                    f"{settings.batch.poll_seconds:g}s (Ctrl-C is safe: a rerun picks the jobs up)"
+                )
+                await asyncio.sleep(settings.batch.poll_seconds)
             tally.add_calls(client_stats(clients))
         finally:
             cache.close()
         return finish_run(self.loaded, plan, tally.summaries, t0)
 
+    @staticmethod
+    def _rewire(clients, tally: RunTally) -> None:
+        """Point the clients' live counts at this pass's progress display."""
+        for stage, per in clients.items():
+            for client in per.values():
+                client.on_tokens = lambda n, s=stage: tally.progress.tokens(s, n)
+                client.on_cost = lambda d, s=stage: tally.progress.cost(s, d)
+
+    def _how_far(self, plan: RunPlan, paused: list[Paused]) -> str:
+        stages = self.loaded.stages
+        done = [
+            sum(plan.start_at(k) >= i for k in range(len(plan.shards))) for i in range(len(stages))
+        ]
+        lines = [
+            f"  {s.name}: {d} of {len(plan.shards)} shards done"
+            for s, d in zip(stages, done, strict=True)
+        ]
+        waiting = sorted({(p.stage, p.shard) for p in paused})
+        where = ", ".join(f"{stages[i].name} shard {k}" for i, k in waiting[:5])
+        more = f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
+        return "\n".join([f"paused at {where}{more}; progress:", *lines])
+
     # internals ----------------------------------------------------------------------------------
 
-    async def _pipeline(self, plan: RunPlan, tally: RunTally) -> None:
+    async def _pipeline(self, plan: RunPlan, tally: RunTally) -> list[Paused]:
+        """One pass; returns the (stage, shard)s that paused (their later stages are skipped)."""
         stages, shards = self.loaded.stages, plan.shards
+        paused: list[Paused] = []
         n_stages = len(stages)
         start_at = [plan.start_at(k) for k in range(len(shards))]
         depth = self.recipe.settings.max_concurrent_shards
@@ -90,15 +156,22 @@ class LocalExecutor(Executor):
             for k in range(len(shards)):
                 upstream = shards[k] if i == 0 else await queues[i - 1].get()
                 path = plan.path(i, k)
-                if i < start_at[k]:
+                if upstream is PAUSED:
+                    out = PAUSED
+                elif i < start_at[k]:
                     out = None
                     tally.add_earlier(i, path)
                 elif i == start_at[k]:
                     out, info = read_resume_point(path)
                     tally.add(i, info, resumed=True)
                 else:
-                    out, info = await process_shard(stages[i], k, upstream, path)
-                    tally.add(i, info, resumed=False)
+                    try:
+                        out, info = await process_shard(stages[i], k, upstream, path)
+                    except RunPaused as exc:
+                        paused.append(Paused(i, k, exc))
+                        out = PAUSED
+                    else:
+                        tally.add(i, info, resumed=False)
                 if i + 1 < n_stages:
                     await queues[i].put(out)
 
@@ -110,3 +183,15 @@ class LocalExecutor(Executor):
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        return paused
+
+
+#: what a paused shard hands the stages after it: nothing to do this pass
+PAUSED = object()
+
+
+@dataclass(frozen=True)
+class Paused:
+    stage: int
+    shard: int
+    error: RunPaused

@@ -8,7 +8,9 @@ import itertools
 import json
 import time
 
+import pyarrow.parquet as pq
 import pytest
+from anthropic.types import Message as SDKMessage
 
 import synthpref
 from synthpref.backends.anthropic_backend import AnthropicBackend, AnthropicSpec
@@ -19,7 +21,8 @@ from synthpref.backends.base import (
     TransientBackendError,
 )
 from synthpref.backends.specs import fingerprint_fields, spec_class
-from synthpref.backends.types import GenerationRequest, SamplingParams
+from synthpref.backends.types import GenerationRequest, SamplingParams, Usage
+from synthpref.errors import ConfigError
 from synthpref.records import Message
 from tests.conftest import tiny_recipe, write_recipe
 from tests.fake_anthropic_server import (
@@ -29,6 +32,7 @@ from tests.fake_anthropic_server import (
     failure,
     last_text,
     text,
+    thinking,
 )
 
 NO_KEY_ENV = "SYNTHPREF_TEST_NO_SUCH_ANTHROPIC_KEY"
@@ -294,3 +298,242 @@ def test_a_recipe_generates_and_judges_pairs_through_the_messages_api(tmp_path, 
     judge = next(s for s in result.stages if s.name == "verdict")
     assert judge.counters["judgments"] == 1 and not judge.counters.get("failed")
     assert again.fingerprint == result.fingerprint
+
+
+# --- billed usage ------------------------------------------------------------------------------
+
+
+def test_usage_is_what_the_api_billed_summed_over_the_n_calls():
+    long = "Judge the following carefully. " * 200
+    req = GenerationRequest(
+        messages=[Message(role="system", content="Be brief."), user(long)],
+        params=SamplingParams(n=3),
+    )
+    (result,), _, b = ask(req, policy=lambda body: text("Fine, thanks."), latency=0.2)
+    system, first = -(-len("Be brief.") // 4), -(-len(long) // 4)
+    # the first call wrote both marked prefixes, the two others read them
+    assert result.usage == Usage(
+        input_tokens=0,
+        cache_write_tokens=system + first,
+        cached_input_tokens=2 * (system + first),
+        output_tokens=3 * 2,
+    )
+    assert result.prompt_tokens == system + first  # the prompt's length, once
+    assert [c.completion_tokens for c in result.completions] == [2, 2, 2]
+    assert result.usage.input_tokens == b.usage["input_tokens"]
+    assert result.usage.cached_input_tokens == b.usage["cache_read_input_tokens"]
+    assert result.usage.cache_write_tokens == b.usage["cache_creation_input_tokens"]
+
+
+def test_result_reads_messages_built_from_dicts_as_batch_results_are():
+    def reply(usage: dict) -> SDKMessage:
+        return SDKMessage.model_validate(
+            {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": "claude-test",
+                "content": [
+                    {"type": "thinking", "thinking": "Step one.", "signature": "s"},
+                    {"type": "redacted_thinking", "data": "xyz"},
+                    {"type": "thinking", "thinking": "Step two.", "signature": "s"},
+                    {"type": "text", "text": "Four."},
+                ],
+                "stop_reason": "max_tokens",
+                "stop_sequence": None,
+                "usage": usage,
+            }
+        )
+
+    b = AnthropicBackend("claude-test", base_url="http://127.0.0.1:1", api_key=API_KEY)
+    first = {"input_tokens": 5, "cache_read_input_tokens": 100, "output_tokens": 9}
+    second = {**first, "cache_creation_input_tokens": 7, "cache_read_input_tokens": None}
+    result = b._result(0, [reply(first), reply(second)], False)
+    assert result.usage == Usage(
+        input_tokens=10, cached_input_tokens=100, cache_write_tokens=7, output_tokens=18
+    )
+    assert result.prompt_tokens == 105
+    (one, _) = result.completions
+    assert (one.text, one.reasoning, one.finish_reason) == (
+        "Four.",
+        "Step one.\n\nStep two.",
+        "length",
+    )
+
+
+# --- extended thinking -------------------------------------------------------------------------
+
+DECOY = "The first reply is longer. Verdict: A+ ... no, on reflection the second is better."
+
+
+def test_thinking_is_sent_with_max_tokens_above_the_budget_and_kept_apart_from_the_answer():
+    req = GenerationRequest(messages=[user("2+2?")], params=SamplingParams(max_tokens=50))
+    policy = lambda body: thinking("Two and two make four.", "4")  # noqa: E731
+    (result,), (sent,), _ = ask(req, policy=policy, thinking_budget=2000)
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 2000}
+    assert sent["max_tokens"] == 2050  # the budget, then the request's own max_tokens
+    assert "temperature" not in sent and "top_p" not in sent
+    (got,) = result.completions
+    assert (got.text, got.reasoning, got.finish_reason) == ("4", "Two and two make four.", "stop")
+    assert got.completion_tokens == 5 + 1  # thinking is billed as output
+    assert result.usage.output_tokens == 6
+    # without a budget the API sends no thinking, and the request carries none
+    (plain,), (unsent,), _ = ask(req, policy=policy)
+    assert "thinking" not in unsent and unsent["max_tokens"] == 50
+    assert (plain.completions[0].text, plain.completions[0].reasoning) == ("4", None)
+
+
+def test_redacted_thinking_adds_nothing_readable():
+    req = GenerationRequest(messages=[user("hi")])
+    policy = lambda body: thinking("Visible part.", "Hello.", redacted=True)  # noqa: E731
+    (result,), _, _ = ask(req, policy=policy, thinking_budget=1024)
+    assert result.completions[0].reasoning == "Visible part."
+    only_redacted = lambda body: (  # noqa: E731
+        200,
+        {
+            "content": [
+                {"type": "redacted_thinking", "data": "ZW5j"},
+                {"type": "text", "text": "Hello."},
+            ]
+        },
+        {},
+    )
+    (result,), _, _ = ask(req, policy=only_redacted, thinking_budget=1024)
+    assert (result.completions[0].text, result.completions[0].reasoning) == ("Hello.", "")
+
+
+def test_a_reply_cut_while_thinking_is_an_empty_answer():
+    budget = 1024
+    req = GenerationRequest(messages=[user("hi")], params=SamplingParams(max_tokens=5))
+    policy = lambda body: thinking("word " * (budget + 10), "Too late.")  # noqa: E731
+    (result,), _, _ = ask(req, policy=policy, thinking_budget=budget)
+    (got,) = result.completions
+    assert (got.text, got.finish_reason) == ("", "length")
+    assert (
+        got.reasoning == " ".join(["word"] * (budget + 5)) and got.completion_tokens == budget + 5
+    )
+
+
+@pytest.mark.parametrize(
+    ("budget", "settings", "message"),
+    [
+        (4096, {"prefill": True}, "cannot be combined with prefill: true"),
+        (4096, {"sampling_params": True}, "cannot be combined with sampling_params: true"),
+        (512, {}, "1024"),
+    ],
+)
+def test_thinking_refuses_what_the_api_refuses_with_it_before_anything_is_sent(
+    budget, settings, message
+):
+    with pytest.raises(ValueError, match=message):  # pydantic's ValidationError is a ValueError
+        AnthropicSpec(model="m", thinking_budget=budget, **settings)
+    with pytest.raises(BackendError, match=message):
+        AnthropicBackend("m", base_url="http://127.0.0.1:1", thinking_budget=budget, **settings)
+
+
+def test_a_prefilled_request_is_refused_with_thinking_before_sending():
+    req = GenerationRequest(
+        messages=[user("Rate it."), Message(role="assistant", content="Score:")],
+        continue_final_message=True,
+    )
+    with FakeAnthropicServer() as server:
+        b = backend(server, thinking_budget=1024)
+        with pytest.raises(CapabilityError, match="refuses with extended thinking"):
+            asyncio.run(b.generate([req]))
+    assert server.requests == [] and not b.supports("prefill")
+
+
+def test_thinking_budget_enters_fingerprint_and_identity_only_when_set(monkeypatch, tmp_path):
+    plain, thinks = AnthropicSpec(model="m"), AnthropicSpec(model="m", thinking_budget=2048)
+    assert "thinking_budget" not in plain.result_fields()
+    assert thinks.result_fields()["thinking_budget"] == 2048
+    assert plain.identity() != thinks.identity()
+    monkeypatch.setenv(NO_KEY_ENV, "k")
+    assert AnthropicBackend("m", api_key_env=NO_KEY_ENV).identity == "anthropic:api.anthropic.com:m"
+    assert (
+        AnthropicBackend("m", api_key_env=NO_KEY_ENV, thinking_budget=2048).identity
+        == "anthropic:api.anthropic.com:m:thinking=2048"
+    )
+    # a recipe that asks for both is refused with the model's path
+    recipe = tiny_recipe(tmp_path)
+    recipe["models"]["a"] = {
+        "backend": "anthropic",
+        "model": "m",
+        "base_url": "http://127.0.0.1:1",
+        "thinking_budget": 2048,
+        "prefill": True,
+    }
+    with pytest.raises(ConfigError, match=r"models\.a.*prefill"):
+        synthpref.validate(recipe)
+
+
+@pytest.mark.parametrize(
+    ("change", "refusal"),
+    [
+        ({"max_tokens": 2000}, "must be greater than `thinking.budget_tokens`"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 100}}, "greater than or equal to 1024"),
+        ({"temperature": 0.5}, "may only be set to 1"),
+        ({"top_p": 0.5}, "between 0.95 and 1"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A"}]},
+         "must start with a thinking block"),
+    ],
+)  # fmt: skip
+def test_the_fake_server_checks_the_thinking_parameter_as_the_api_does(change, refusal):
+    body = {
+        "model": "m",
+        "max_tokens": 3000,
+        "messages": [{"role": "user", "content": "hi"}],
+        "thinking": {"type": "enabled", "budget_tokens": 2000},
+    }
+    server = FakeAnthropicServer()
+    status, reply, _ = server.answer("/v1/messages", API_KEY, body)
+    assert status == 200
+    status, reply, _ = server.answer("/v1/messages", API_KEY, {**body, **change})
+    assert (status, reply["error"]["type"]) == (400, "invalid_request_error")
+    assert refusal in reply["error"]["message"]
+
+
+def test_a_pairwise_judge_that_thinks_reads_its_verdict_from_the_answer(tmp_path, monkeypatch):
+    """The judge's thinking names the other verdict; the answer's verdict decides, and the
+    thinking is kept as the rationale where the verdict gives none."""
+    monkeypatch.setenv("SYNTHPREF_TEST_ANTHROPIC_KEY", API_KEY)
+    drafts = itertools.count()
+
+    def policy(body):
+        prompt = last_text(body)
+        if "[Response A]" in prompt:
+            assert body["messages"][-1]["role"] == "user"  # no prefill with thinking
+            a = prompt.split("[Response A]\n", 1)[1].split("\n[End of response A]", 1)[0]
+            # the decoy in the thinking always favours A; the answer favours the longer reply
+            return thinking(DECOY, "Verdict: A+" if "longer" in a else "Verdict: B+")
+        return text("Short." if next(drafts) % 2 else "A longer and better answer.")
+
+    with FakeAnthropicServer(policy) as server:
+        spec = {
+            "backend": "anthropic",
+            "base_url": server.base_url,
+            "api_key_env": "SYNTHPREF_TEST_ANTHROPIC_KEY",
+        }
+        recipe = tiny_recipe(tmp_path, prompts=[{"id": "p1", "prompt": "Name a colour."}])
+        recipe["models"] = {
+            "writer": {**spec, "model": "claude-test-writer"},
+            "judge": {**spec, "model": "claude-test-judge", "thinking_budget": 1024},
+        }
+        recipe["stages"] = [
+            {"type": "generate", "models": ["writer"], "n": 2, "max_tokens": 32},
+            {"type": "pairwise_judge", "name": "verdict", "model": "judge", "max_tokens": 64},
+            {"type": "pairs", "judge": "verdict"},
+        ]
+        assert synthpref.validate(recipe) == []
+        result = synthpref.run(write_recipe(tmp_path, recipe), progress=False)
+    judge_calls = [b for _, b in server.requests if b["model"] == "claude-test-judge"]
+    assert len(judge_calls) == 2
+    assert all(b["thinking"]["budget_tokens"] == 1024 for b in judge_calls)
+    (row,) = [json.loads(line) for line in (result.run_dir / "data" / "preference.jsonl").open()]
+    assert row["chosen"][-1]["content"] == "A longer and better answer."
+    assert row["rejected"][-1]["content"] == "Short."
+    (record,) = pq.read_table(result.run_dir / "data" / "records.parquet").to_pylist()
+    (judgment,) = record["judgments"]
+    assert judgment["status"] == "ok"
+    assert DECOY in judgment["rationale"]  # the thinking, kept: the verdict gave no reasoning
+    assert DECOY not in judgment["raw"]  # what was parsed: the answers only

@@ -12,6 +12,7 @@ import socket
 import time
 
 import pytest
+from openai.types.chat import ChatCompletion
 
 from synthpref.backends.base import (
     BackendError,
@@ -21,9 +22,9 @@ from synthpref.backends.base import (
 )
 from synthpref.backends.openai_backend import OpenAIBackend, OpenAISpec
 from synthpref.backends.specs import fingerprint_fields, spec_class
-from synthpref.backends.types import GenerationRequest, SamplingParams, ScoreRequest
+from synthpref.backends.types import GenerationRequest, SamplingParams, ScoreRequest, Usage
 from synthpref.records import Message
-from tests.fake_openai_server import FakeServer, error, ok
+from tests.fake_openai_server import FakeServer, chat_reply, error, ok
 from tests.vllm_fixtures import SCORE_REQUESTS, assistant, free_port, user
 
 # the vllm_server / vllm_backend / transformers_reference fixtures (drop once merged into conftest.py)
@@ -180,6 +181,63 @@ def test_an_over_long_score_request_is_a_request_error_before_reaching_the_serve
             asyncio.run(backend.score([SCORE_REQUESTS[0], long]))
     assert err.value.index == 1
     assert server.requests == []
+
+
+# --- billed usage ------------------------------------------------------------------------------
+
+
+def _usage_of(reply, **params):
+    with FakeServer(lambda path, body: reply) as server:
+        (result,) = asyncio.run(
+            scripted(server).generate(
+                [GenerationRequest(messages=[user("hi")], params=SamplingParams(**params))]
+            )
+        )
+    return result
+
+
+def test_usage_splits_the_cached_prompt_tokens_from_the_rest():
+    result = _usage_of(chat_reply(["a", "b"], 100, cached_tokens=64, completion_tokens=30), n=2)
+    assert result.usage == Usage(input_tokens=36, cached_input_tokens=64, output_tokens=30)
+    assert result.prompt_tokens == 100  # every prompt token, cached or not
+    # no prompt_tokens_details (vLLM, most servers): nothing was read from a cache
+    plain = _usage_of(chat_reply(["a"], 100, completion_tokens=7))
+    assert plain.usage == Usage(input_tokens=100, output_tokens=7)
+
+
+def test_a_server_that_reports_no_usage_leaves_it_unset():
+    result = _usage_of(chat_reply(["a b c"], usage=False))
+    assert result.usage is None and result.prompt_tokens == 0
+    # the client then counts what the token counts imply
+    assert result.billed() == Usage(output_tokens=result.completions[0].completion_tokens)
+
+
+def test_a_split_request_sums_what_each_part_billed():
+    def one_sample(path, body):
+        assert body["n"] == 1
+        return chat_reply([f"seed={body['seed']}"], 100, cached_tokens=40, completion_tokens=5)
+
+    with FakeServer(one_sample) as server:
+        backend = scripted(server, supports_n=False)
+        (result,) = asyncio.run(
+            backend.generate(
+                [GenerationRequest(messages=[user("hi")], params=SamplingParams(n=3, seed=1))]
+            )
+        )
+    assert len(server.requests) == 3
+    # the server billed the prompt three times; prompt_tokens is still the prompt's length
+    assert result.usage == Usage(input_tokens=180, cached_input_tokens=120, output_tokens=15)
+    assert result.prompt_tokens == 100
+
+
+def test_parse_chat_reads_usage_from_completions_built_from_dicts_as_batch_results_are():
+    _, body = chat_reply(["x"], 50, cached_tokens=20, completion_tokens=3)
+    backend = OpenAIBackend("m", base_url="http://127.0.0.1:1/v1")
+    req = GenerationRequest(messages=[user("hi")])
+    result = backend._parse_chat(0, req, ChatCompletion.model_validate(body))
+    assert result.usage == Usage(input_tokens=30, cached_input_tokens=20, output_tokens=3)
+    _, bare = chat_reply(["x"], usage=False)
+    assert backend._parse_chat(0, req, ChatCompletion.model_validate(bare)).usage is None
 
 
 # --- against vllm serve -----------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import pytest
 
+from synthpref.backends.anthropic_backend import AnthropicBackend, AnthropicSpec
 from synthpref.backends.base import Backend, Capability, OnGenerated
 from synthpref.backends.client import ModelClient
 from synthpref.backends.openai_backend import OpenAIBackend, OpenAISpec
@@ -29,6 +30,7 @@ from synthpref.judges.rubric import RubricJudge, RubricParams
 from synthpref.records import Candidate, Message, Record
 from synthpref.stages.base import StageContext
 from synthpref.stages.generate import Generate, GenerateParams
+from tests.fake_anthropic_server import API_KEY, FakeAnthropicServer, thinking
 from tests.fake_openai_server import FakeServer, reasoning_reply
 
 # --- the split rule ----------------------------------------------------------------------------
@@ -235,6 +237,44 @@ def test_judge_without_reasoning_is_unchanged():
 def test_several_questions_label_their_reasoning():
     judgment, _ = _judge("Rating: 4", "ok", aspects=["helpfulness", "honesty"], score="parsed")
     assert judgment.rationale == "[helpfulness]\nok\n\n[honesty]\nok"
+
+
+# --- Anthropic thinking blocks: the same rule through the Messages API -----------------------------
+
+
+def _judge_on_anthropic(policy, **params):
+    with FakeAnthropicServer(policy) as server:
+        spec = AnthropicSpec(model="claude-j", base_url=server.base_url, thinking_budget=1024)
+        backend = AnthropicBackend(
+            "claude-j", base_url=server.base_url, api_key=API_KEY, thinking_budget=1024
+        )
+        client = ModelClient("judge", spec, backend, None)
+        stage = RubricJudge("rating", RubricParams(model="judge", **params))
+        stage.ctx = StageContext({"judge": client})
+        record = Record(
+            id="p", prompt=[_user("2+2?")], candidates=[Candidate(id="c", model="m", text="4")]
+        )
+        [record] = asyncio.run(stage.process([record]))
+    [judgment] = record.judgments
+    return judgment, [body for _, body in server.requests]
+
+
+def test_anthropic_judge_reads_the_answer_and_keeps_its_thinking_as_the_rationale():
+    judgment, sent = _judge_on_anthropic(lambda body: thinking(REASONING, "Rating: 2"))
+    assert judgment.status == "ok" and judgment.score == 2.0  # not the 5 in the thinking
+    assert judgment.raw == "Rating: 2" and judgment.rationale == REASONING
+    # a thinking judge cannot pre-fill "Rating:": it is asked to reply freely
+    assert [b["messages"][-1]["role"] for b in sent] == ["user"]
+
+
+def test_anthropic_judge_cut_while_thinking_fails_rather_than_read_the_thinking():
+    long = "Clearly Rating: 5 " * 400  # 1200 words: past the budget plus the 8 answer tokens
+    judgment, sent = _judge_on_anthropic(
+        lambda body: thinking(long, "Rating: 5"), max_retries=1, max_tokens=8
+    )
+    assert [b["max_tokens"] for b in sent] == [1024 + 8, 1024 + 8]
+    assert judgment.status == "failed" and judgment.score is None and len(sent) == 2
+    assert judgment.rationale.startswith("Clearly Rating: 5")
 
 
 def test_results_cached_before_reasoning_existed_still_load():
