@@ -444,6 +444,13 @@ def _new_id(prefix: str) -> str:
 # the server ---------------------------------------------------------------------------------------
 
 
+class _Server(ThreadingHTTPServer):
+    """A listen backlog for a client that opens a few hundred connections at once (the openai
+    backend's in-flight window starts at 256); the default of 5 refuses most of them."""
+
+    request_queue_size = 1024
+
+
 class FakeBatchProvider:
     """Both providers' batch APIs on one local port; see the module docstring."""
 
@@ -477,7 +484,7 @@ class FakeBatchProvider:
         self._cached: set[tuple[str, str, str]] = set()  # (provider, model, prefix digest)
         self._order = itertools.count()
         self._lock = threading.RLock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd = _Server(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
 

@@ -345,10 +345,13 @@ class AnthropicBackend(Backend):
     def identity(self) -> str:
         """The address and the model name, as for the OpenAI backend: the weights behind a name
         cannot be seen, so pin a dated model name. A thinking budget changes every reply (and its
-        ``max_tokens``), so it is part of the identity when set."""
+        ``max_tokens``), and ``sampling_params`` decides whether the requests' temperature and top_p
+        are sent at all, so each is part of the identity when set. (``prefill`` is not: it only
+        decides whether a pre-filled request is refused.)"""
         host = self.base_url or API_URL.removeprefix("https://")
         thinking = f":thinking={self.thinking_budget}" if self.thinking_budget else ""
-        return f"anthropic:{host}:{self.model}{thinking}"
+        sampling = ":sampling" if self.sampling_params else ""
+        return f"anthropic:{host}:{self.model}{thinking}{sampling}"
 
     def supports(self, capability: Capability) -> bool:
         return capability in self.capabilities or (capability == "prefill" and self.prefill)

@@ -102,8 +102,12 @@ class ModelClient:
         def tokens(result: GenerationResult) -> int:
             return sum(c.completion_tokens for c in result.completions)
 
+        # a reasoning model may spend its thinking budget on top of max_tokens (Anthropic's
+        # thinking_budget is sent as budget + max_tokens)
+        thinking = getattr(self.spec, "thinking_budget", None) or 0
+
         def ceiling(r: GenerationRequest) -> tuple[int, int]:
-            return _prompt_ceiling(r.messages), r.params.max_tokens * r.params.n
+            return _prompt_ceiling(r.messages), (r.params.max_tokens + thinking) * r.params.n
 
         return await self._cached(
             "generate", requests, self.backend.generate, GenerationResult, tokens, ceiling

@@ -537,3 +537,13 @@ def test_a_pairwise_judge_that_thinks_reads_its_verdict_from_the_answer(tmp_path
     assert judgment["status"] == "ok"
     assert DECOY in judgment["rationale"]  # the thinking, kept: the verdict gave no reasoning
     assert DECOY not in judgment["raw"]  # what was parsed: the answers only
+
+
+def test_sampling_params_are_part_of_the_identity():
+    """Whether temperature and top_p are sent changes the replies: cached results of one setting
+    must never answer the other."""
+    from synthpref.backends.anthropic_backend import AnthropicBackend
+
+    plain = AnthropicBackend("claude-haiku-4-5", api_key="k")
+    sampled = AnthropicBackend("claude-haiku-4-5", api_key="k", sampling_params=True)
+    assert plain.identity != sampled.identity
