@@ -4,6 +4,15 @@ in every form (labelled, pre-filled, JSON, garbage, with and without log-probabi
 
 A deliberate change to a judge's output updates ``tests/fixtures/judge_outputs.json`` (``python -m
 tests.judges.test_judge_outputs`` from the repository root re-records it) and says so in its commit; an accidental one fails here, naming the case and the part.
+
+Re-recorded for issue 15 (judge templates put the shared rubric first, so prompt caches hit): every
+shipped judge template now gives its fixed text (criteria, scale, rubric, reply form) before the
+instruction, reference and responses, and ends with a short cue ("Now reply in the form given
+above."). Every hash changed because the scripted replies are drawn from a hash of the prompt text.
+Replayed with replies keyed on the prompt's content only (its sections, not their order), the old and
+new templates gave the same judgments, annotations and counters in all 30 cases, and the same
+requests apart from the user message, whose lines differ only in order, the cue, and the reference
+answer's note on a line of its own; fingerprints differ only in their template hashes.
 """
 
 from __future__ import annotations
