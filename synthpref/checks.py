@@ -37,6 +37,7 @@ def checked_recipe(
     from synthpref.export.needs import recipe_problems
 
     problems = recipe_problems(loaded.recipe.output.formats, loaded.stages)
+    problems += seed_problems(loaded)
     key_problems, key_warnings = api_key_notes(loaded)
     key_warnings += cost_and_batch_notes(loaded)
     if for_run:
@@ -69,6 +70,28 @@ def api_key_notes(loaded: LoadedRecipe) -> tuple[list[str], list[str]]:
                 "carry no API key; set it if that server wants one"
             )
     return problems, warnings
+
+
+def seed_problems(loaded: LoadedRecipe) -> list[str]:
+    """A ``source.seeds`` recipe starts from records without prompts: its first stage must write
+    them."""
+    if loaded.recipe.source.seeds is None or not loaded.stages:
+        return []
+    first = loaded.stages[0]
+    if first.writes_prompts:
+        return []
+    from synthpref.stages.registry import STAGES
+
+    writers = sorted(
+        name
+        for name in STAGES.builtin_names()
+        if getattr(STAGES.find(name), "writes_prompts", False)
+    )
+    return [
+        f"stages[0] ({first.name}): source.seeds gives records with no prompt, so the first stage "
+        f"must write prompts; {first.type_name!r} does not"
+        + (f" (prompt-writing stages: {', '.join(writers)})" if writers else "")
+    ]
 
 
 def cost_and_batch_notes(loaded: LoadedRecipe) -> list[str]:

@@ -51,12 +51,24 @@ class RowError(DataError):
 
 
 def load_records(recipe: Recipe) -> tuple[list[Record], list[InputError]]:
+    if recipe.source.seeds is not None:
+        return seed_records(recipe.source.seeds, recipe.source.limit), []
     rows, columns = _read_source(recipe.source, recipe)
     if columns is not None:
         _check_columns(recipe.source, columns, _where(recipe.source, recipe))
     if recipe.source.limit:
         rows = rows[: recipe.source.limit]
     return rows_to_records(rows, recipe.source)
+
+
+def seed_records(n: int, limit: int | None = None) -> list[Record]:
+    """``source.seeds``: records with no prompt yet, ``seed-000000`` ..., for a prompt-writing stage
+    to fill; ``metadata.seed`` is the record's number, which such stages derive their seeds from."""
+    count = min(n, limit) if limit else n
+    return [
+        Record(id=f"seed-{k:06d}", prompt=[], source_row=k, metadata={"seed": k})
+        for k in range(count)
+    ]
 
 
 def rows_to_records(

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from synthpref.backends.types import (
+    CompletionRequest,
     GenerationRequest,
     GenerationResult,
     RewardRequest,
@@ -23,9 +24,10 @@ from synthpref.errors import SynthprefError
 
 if TYPE_CHECKING:
     from synthpref.cache import RequestCache
+    from synthpref.records import Message
 
 Capability = Literal[
-    "generate", "score", "reward", "top_logprobs", "json_schema", "prefill", "batch"
+    "generate", "score", "reward", "top_logprobs", "json_schema", "prefill", "batch", "complete"
 ]
 OnGenerated = Callable[[int, GenerationResult], None]
 OnScored = Callable[[int, ScoreResult], None]
@@ -104,6 +106,23 @@ class Backend(ABC):
             f"{type(self).__name__} does not run reward models; use a transformers or vllm spec with "
             "task: reward, or an openai spec with task: reward pointing at a pooling server "
             "(vllm serve of a reward model)"
+        )
+
+    async def complete(
+        self, requests: Sequence[CompletionRequest], on_result: OnGenerated | None = None
+    ) -> list[GenerationResult]:
+        """Continue raw text, no chat template applied (capability ``complete``)."""
+        raise CapabilityError(
+            f"{type(self).__name__} cannot continue raw text (no chat template); use the "
+            "embedded, transformers or vllm backend, or an openai spec with tokenizer: on a server "
+            "with /v1/completions (vllm serve)"
+        )
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+        """The model's chat template applied to ``messages``, as text (capability ``complete``)."""
+        raise CapabilityError(
+            f"{type(self).__name__} cannot show its chat template; use the embedded, transformers "
+            "or vllm backend, or an openai spec with tokenizer: (a local copy of the served model's)"
         )
 
     async def generate_batch(

@@ -21,6 +21,7 @@ from synthpref.backends.cost import CostMeter
 from synthpref.backends.pricing import Price
 from synthpref.backends.specs import ModelSpec
 from synthpref.backends.types import (
+    CompletionRequest,
     GenerationRequest,
     GenerationResult,
     RewardRequest,
@@ -112,6 +113,25 @@ class ModelClient:
         return await self._cached(
             "generate", requests, self.backend.generate, GenerationResult, tokens, ceiling
         )
+
+    async def complete(self, requests: Sequence[CompletionRequest]) -> list[GenerationResult]:
+        """Raw-text continuations (no chat template, no system prompt: the text is sent as given),
+        cached like every call."""
+
+        def tokens(result: GenerationResult) -> int:
+            return sum(c.completion_tokens for c in result.completions)
+
+        def ceiling(r: CompletionRequest) -> tuple[int, int]:
+            return -(-len(r.prompt) // CHARS_PER_TOKEN), r.params.max_tokens * r.params.n
+
+        return await self._cached(
+            "complete", list(requests), self.backend.complete, GenerationResult, tokens, ceiling
+        )
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+        """The model's chat template applied to ``messages`` (the spec's system prompt first, as
+        for every chat request)."""
+        return self.backend.render_chat(self._with_system(messages), add_generation_prompt)
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         shift = 1 if self.spec.system_prompt else 0

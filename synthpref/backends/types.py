@@ -48,6 +48,20 @@ class GenerationRequest(BaseModel):
         return _hash({"kind": "generate", "backend": backend_identity, "req": self.model_dump()})
 
 
+class CompletionRequest(BaseModel):
+    """Raw text for the model to continue, with no chat template applied: what Magpie-style prompt
+    synthesis sends (the chat template's text up to where a user message would start). The text is
+    tokenized as it stands, special tokens included, without adding a BOS token."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field(min_length=1)
+    params: SamplingParams = SamplingParams()
+
+    def cache_key(self, backend_identity: str) -> str:
+        return _hash({"kind": "complete", "backend": backend_identity, "req": self.model_dump()})
+
+
 class Completion(BaseModel):
     text: str
     finish_reason: Literal["stop", "length"] | str

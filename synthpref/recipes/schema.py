@@ -24,7 +24,8 @@ class _Strict(RecipeNumbers):
 
 
 class SourceSpec(_Strict):
-    """Where prompts come from: a local file (JSONL, JSON, Parquet, CSV) or a datasets dataset."""
+    """Where prompts come from: a local file (JSONL, JSON, Parquet, CSV), a datasets dataset, or
+    ``seeds``: empty records for a prompt-writing stage (Magpie, personas) to fill."""
 
     path: str | None = Field(None, description="a .jsonl/.json/.parquet/.csv file")
     dataset: str | None = Field(
@@ -37,11 +38,22 @@ class SourceSpec(_Strict):
         None, description="column with stable ids; default: a hash of the prompt"
     )
     limit: int | None = Field(None, ge=1, description="use only the first N rows")
+    seeds: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="no input: N empty records (ids seed-000000, ...) whose prompts the recipe's "
+        "first stage writes (a prompt-writing stage such as magpie or persona_prompts)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> SourceSpec:
-        if (self.path is None) == (self.dataset is None):
-            raise ValueError("give exactly one of 'path' or 'dataset'")
+        given = [k for k in ("path", "dataset", "seeds") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of 'path', 'dataset' or 'seeds'"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
         return self
 
 
