@@ -108,12 +108,22 @@ def run(
 
 
 def print_summary(result, console: Console) -> None:
-    """The run's table of stages, its counters and output files; names are printed literally."""
+    """The run's table of stages, its counters and output files; names are printed literally.
+
+    A ``cost`` column and a total line appear when this invocation's model calls cost money; the
+    run directory's total over every invocation (from its request cache) is added when known, so a
+    resumed run that cost nothing new still says what the directory has cost."""
+    from synthpref.executor.run_meta import format_usd, read_spend
+
+    dollars = sum(getattr(s, "dollars", 0.0) for s in result.stages)
+    columns = ["stage", "in", "out", "resumed", "calls", "cached", "tokens", "time"]
+    if dollars:
+        columns.insert(-1, "cost")
     table = Table(title=literal(f"synthpref run · {result.run_dir}"), title_justify="left")
-    for col in ("stage", "in", "out", "resumed", "calls", "cached", "tokens", "time"):
+    for col in columns:
         table.add_column(col, justify="left" if col == "stage" else "right")
     for s in result.stages:
-        table.add_row(
+        row = [
             literal(s.name),
             str(s.records_in),
             str(s.records_out),
@@ -122,12 +132,22 @@ def print_summary(result, console: Console) -> None:
             str(s.cache_hits),
             str(s.tokens),
             f"{s.seconds:.1f}s",
-        )
+        ]
+        if dollars:
+            row.insert(-1, format_usd(s.dollars) if getattr(s, "models", None) else "")
+        table.add_row(*row)
     console.print(table)
     for s in result.stages:
         if s.counters:
             counts = ", ".join(f"{k}={v}" for k, v in sorted(s.counters.items()))
             say(console, f"  {s.name}: {counts}")
+    spend = read_spend(result.run_dir)
+    total = spend.dollars if spend is not None else None
+    if dollars or total:
+        line = f"cost: {format_usd(dollars)} in this invocation (cache hits cost nothing)"
+        if total is not None and abs(total - dollars) > 1e-9:
+            line += f"; {format_usd(total)} for this run directory in all"
+        say(console, line)
     if result.input_errors:
         say(
             console,

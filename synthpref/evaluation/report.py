@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from synthpref.console import literal, say
+from synthpref.executor.run_meta import format_usd
 
 COLUMNS = (
     "judge",
@@ -174,7 +175,8 @@ def markdown(report: dict[str, Any]) -> str:
     if run:
         stage_lines = [
             f"- `{s['name']}`: {s['calls']} model calls, {s['cache_hits']} cache hits, "
-            f"{s['shards_resumed']} shard(s) resumed, {s['seconds']:.1f}s"
+            + (f"{format_usd(s['dollars'])}, " if s.get("dollars") else "")
+            + f"{s['shards_resumed']} shard(s) resumed, {s['seconds']:.1f}s"
             for s in run["stages"]
         ]
         parts += ["## Run", "", f"Directory `{run['dir']}`.", "", *stage_lines, ""]

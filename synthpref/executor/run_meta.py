@@ -9,12 +9,20 @@ new run next to the data and summary of the old one, and must not be mistaken fo
 Both files carry ``synthpref_run`` (the layout version): it is what marks a directory as a synthpref
 run, which ``--fresh`` requires before deleting anything. ``run.json`` files written before the marker
 existed are recognised by their shape (fingerprint, input, stages and recipe).
+
+Model calls and money, in ``summary.json``: each stage records the calls, cache hits, tokens and
+dollars of the invocation that wrote it (a resumed invocation whose answers all came from the cache
+records 0 calls and $0), per model too (billed tokens by kind, batch calls, dollars). What the run
+directory has spent over every invocation is not a sum of summaries (a killed invocation writes
+none): it is ``cache.sqlite``'s record of every paid call (:func:`read_spend`), which ``summary.json``
+copies as ``spend`` when it is written. Summaries written before any of this read back with zeros.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +76,9 @@ class StageSummary:
     calls: int = 0
     cache_hits: int = 0
     seconds: float = 0.0
+    dollars: float = 0.0
+    #: model name -> :data:`MODEL_COUNTS` of this invocation's calls (cache hits cost nothing)
+    models: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def add(self, info: dict, resumed: bool) -> None:
         """Count one shard's checkpoint info (computed now or read back from a checkpoint)."""
@@ -77,10 +88,48 @@ class StageSummary:
         self.seconds += info.get("seconds", 0.0)
         self.shards_resumed += int(resumed)
 
-    def add_calls(self, stats: dict[str, int]) -> None:
-        self.calls += stats["calls"]
-        self.cache_hits += stats["cache_hits"]
-        self.tokens += stats["tokens"]
+    def add_calls(self, stats: dict[str, Any]) -> None:
+        """Add one set of clients' calls (``client_stats`` of an executor, or a summary read back);
+        keys it lacks count as 0, so older summaries read back too."""
+        self.calls += stats.get("calls", 0)
+        self.cache_hits += stats.get("cache_hits", 0)
+        self.tokens += stats.get("tokens", 0)
+        self.dollars += stats.get("dollars", 0.0)
+        for name, counts in (stats.get("models") or {}).items():
+            mine = self.models.setdefault(name, {k: 0 for k in MODEL_COUNTS})
+            for key in MODEL_COUNTS:
+                mine[key] += counts.get(key, 0)
+            mine["dollars"] = float(mine["dollars"])
+
+
+#: what is counted per model of a stage: calls sent, cache hits, tokens (the client's count), the
+#: prompt tokens as billed (uncached, read from and written to the provider's cache), output tokens,
+#: calls answered by provider batch jobs, and US dollars
+MODEL_COUNTS = (
+    "calls",
+    "cache_hits",
+    "tokens",
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "batch_calls",
+    "dollars",
+)
+
+
+class ModelCalls(_Lenient):
+    """One model's calls within one stage, as ``summary.json`` records them."""
+
+    calls: int = 0
+    cache_hits: int = 0
+    tokens: int = 0
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    output_tokens: int = 0
+    batch_calls: int = 0
+    dollars: float = 0.0
 
 
 class StageRecord(_Lenient):
@@ -94,6 +143,16 @@ class StageRecord(_Lenient):
     calls: int = 0
     cache_hits: int = 0
     seconds: float = 0.0
+    dollars: float = 0.0
+    models: dict[str, ModelCalls] = Field(default_factory=dict)
+
+
+class RunSpend(_Lenient):
+    """What a run directory's model calls have cost, over every invocation: US dollars in all and
+    per model (the recipe's model names), as billed; answers served from the cache cost nothing."""
+
+    dollars: float = 0.0
+    models: dict[str, float] = Field(default_factory=dict)
 
 
 class FileDigest(_Lenient):
@@ -112,6 +171,12 @@ class RunSummary(_Lenient):
         None, description="run-dir-relative path -> digest of every exported file (None: older run)"
     )
     seconds: float = 0.0
+    spend: RunSpend | None = Field(
+        None, description="the run directory's spending when this was written (None: not recorded)"
+    )
+    price_table: str | None = Field(
+        None, description="the date of the shipped price table the run used (None: not recorded)"
+    )
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -165,3 +230,34 @@ def changed_files(run_dir: Path, files: dict[str, FileDigest]) -> list[str]:
         elif path.stat().st_size != expected.bytes or file_digest(path).sha256 != expected.sha256:
             out.append(f"{rel} (changed since the run wrote it)")
     return out
+
+
+def read_spend(run_dir: Path) -> RunSpend | None:
+    """The run directory's spending from ``cache.sqlite`` (every paid call, committed with its
+    result, over every invocation), read-only; None if there is no cache or it cannot be read."""
+    path = Path(run_dir) / "cache.sqlite"
+    if not path.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        rows = db.execute(
+            "SELECT model, SUM(dollars) FROM spend GROUP BY model ORDER BY model"
+        ).fetchall()
+    except sqlite3.Error:  # a cache written before spending was recorded
+        return None
+    finally:
+        db.close()
+    models = {str(m): float(d or 0.0) for m, d in rows}
+    return RunSpend(dollars=sum(models.values()), models=models)
+
+
+def format_usd(dollars: float) -> str:
+    """Dollars as every summary shows them: four decimals below $1 (a test run's cents), else two."""
+    if dollars == 0:
+        return "$0"
+    if abs(dollars) < 0.0001:
+        return "<$0.0001"
+    return f"${dollars:.4f}" if abs(dollars) < 1 else f"${dollars:,.2f}"

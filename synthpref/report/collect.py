@@ -1,8 +1,10 @@
 """Statistics of a finished run, read from its run directory (nothing is recomputed by a model).
 
 Per-stage numbers come from the checkpoints' metadata (the counters every shard carries), so they are
-complete even when the last invocation resumed most shards; token and call counts come from
-``summary.json`` (they describe the last invocation only). Scores, agreement and lengths come from
+complete even when the last invocation resumed most shards; token, call and dollar counts per stage
+and model come from ``summary.json`` (they describe the last invocation only). What the run directory
+has cost over every invocation comes from its request cache (``cache.sqlite`` records every paid call
+with its result), else from the copy ``summary.json`` keeps. Scores, agreement and lengths come from
 ``data/records.parquet``, read in batches.
 """
 
@@ -22,11 +24,13 @@ from synthpref.executor import checkpoints as ck
 from synthpref.executor.run_meta import (
     RunInfo,
     RunMetaError,
+    RunSpend,
     RunSummary,
     StageSummary,
     changed_files,
     json_object,
     load,
+    read_spend,
 )
 from synthpref.metrics import cohen_kappa, pairwise_labels
 from synthpref.records import Record, records_from_arrow
@@ -141,6 +145,22 @@ class JudgeStats:
 
 
 @dataclass
+class CostStats:
+    """What the run's model calls cost: the last invocation's per stage and model are in
+    :class:`StageStats` (``dollars``, ``models``); this is the run directory's over every invocation
+    and where the prices came from."""
+
+    spend: RunSpend | None = None  # None: neither the cache nor summary.json records it
+    spend_source: str = ""  # "cache.sqlite" or "summary.json"
+    price_sources: dict[str, str] = field(default_factory=dict)  # model -> "recipe" | "table" | ...
+    price_table: str = ""  # the shipped table's date, when a model was priced from it
+
+    @property
+    def dollars(self) -> float:
+        return self.spend.dollars if self.spend is not None else 0.0
+
+
+@dataclass
 class RunStats:
     run_dir: Path
     name: str
@@ -161,6 +181,12 @@ class RunStats:
     formats: dict[str, dict[str, Any]] = field(default_factory=dict)
     recipe: dict = field(default_factory=dict)
     seconds: float = 0.0
+    cost: CostStats = field(default_factory=CostStats)
+
+    @property
+    def model_calls(self) -> bool:
+        """Whether any stage called (or asked the cache for) a model in the last invocation."""
+        return any(s.models for s in self.stages)
 
     def dropped_reasons(self) -> list[tuple[str, str, int]]:
         """(stage, reason, count) for every drop or skip, most frequent first."""
@@ -205,7 +231,40 @@ def collect(run_dir: Path, checked: CheckedRun | None = None) -> RunStats:
     except (OSError, pa.ArrowException, ValueError) as exc:
         raise ReportError(f"{records_path}: cannot read its records: {exc}") from None
     stats.formats = _formats(run_dir, summary)
+    stats.cost = _cost(run_dir, summary, recipe, stats.stages)
     return stats
+
+
+#: backends whose unpriced specs take the shipped table's price (on the provider's own API)
+TABLE_BACKENDS = ("openai", "anthropic")
+
+
+def _cost(run_dir: Path, summary: RunSummary, recipe: dict, stages: list[StageStats]) -> CostStats:
+    """The run directory's spending and each paid model's price source. A model whose spec names a
+    ``price:`` was priced by the recipe; a hosted OpenAI/Anthropic model without one that cost money
+    was priced by synthpref's shipped table (its date as the run recorded it, else this install's)."""
+    from synthpref.backends.pricing import table_date
+
+    spend, source = read_spend(run_dir), "cache.sqlite"
+    if spend is None and summary.spend is not None:
+        spend, source = summary.spend, "summary.json"
+    paid = {n for s in stages for n, m in s.models.items() if m.get("dollars")}
+    if spend is not None:
+        paid |= {n for n, d in spend.models.items() if d}
+    specs = recipe.get("models") if isinstance(recipe.get("models"), dict) else {}
+    sources: dict[str, str] = {}
+    for name in sorted(paid):
+        spec = specs.get(name) if isinstance(specs.get(name), dict) else {}
+        if spec.get("price") is not None:
+            sources[name] = "recipe"
+        elif spec.get("backend") in TABLE_BACKENDS and not spec.get("base_url"):
+            sources[name] = "table"
+        else:
+            sources[name] = "backend"
+    table = ""
+    if "table" in sources.values():
+        table = summary.price_table or table_date()
+    return CostStats(spend, source if spend is not None else "", sources, table)
 
 
 def _input_errors(path: Path) -> list[dict]:

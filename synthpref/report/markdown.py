@@ -7,6 +7,7 @@ import math
 import re
 from typing import Any
 
+from synthpref.executor.run_meta import format_usd
 from synthpref.filters.length_bias import length_stats
 from synthpref.report.collect import RunStats
 
@@ -85,6 +86,7 @@ def render(
     ]
 
     out += [f"{hh} Stages", ""]
+    paid = any(s.dollars for s in stats.stages)
     rows = []
     for s in stats.stages:
         pair_cell = ""
@@ -101,20 +103,21 @@ def render(
                 pair_cell,
                 s.calls,
                 s.tokens,
+                *([format_usd(s.dollars) if s.models else ""] if paid else []),
                 f"{s.seconds:.1f}s",
             ]
         )
+    header = ["stage", "type", "records in", "records out", "pairs", "calls*", "tokens*"]
     out += [
-        _table(
-            ["stage", "type", "records in", "records out", "pairs", "calls*", "tokens*", "time"],
-            rows,
-        ),
+        _table([*header, *(["cost*"] if paid else []), "time"], rows),
         "",
-        "\\* model calls and tokens of the last invocation (a resumed run reuses earlier work).",
+        f"\\* {'model calls, tokens and dollars' if paid else 'model calls and tokens'} of the last "
+        "invocation (a resumed run reuses earlier work).",
         "",
         img("funnel.png", "records and pairs per stage"),
         "",
     ]
+    out += _cost_section(stats, hh)
 
     reasons = stats.dropped_reasons()
     out += [f"{hh} Dropped rows", ""]
@@ -246,6 +249,64 @@ def render(
                 )
             out += [line, ""]
     return "\n".join(line for line in _squeeze(out)) + "\n"
+
+
+def _cost_section(stats: RunStats, hh: str) -> list[str]:
+    """Calls, billed tokens and dollars per stage and model (last invocation), the run directory's
+    total over every invocation, and where the prices came from; nothing for a run without models."""
+    cost = stats.cost
+    if not stats.model_calls and not cost.dollars:
+        return []
+    rows = [(s.name, name, m) for s in stats.stages for name, m in s.models.items()]
+    write = any(m.get("cache_write_tokens") for _, _, m in rows)
+    batch = any(m.get("batch_calls") for _, _, m in rows)
+    header = ["stage", "model", "calls", "cache hits", "input tokens", "cached input tokens"]
+    header += [*(["cache write tokens"] if write else []), "output tokens"]
+    header += [*(["batch calls"] if batch else []), "cost"]
+    keys = ["calls", "cache_hits", "input_tokens", "cached_input_tokens"]
+    keys += [*(["cache_write_tokens"] if write else []), "output_tokens"]
+    keys += ["batch_calls"] if batch else []
+    body = [[f"`{st}`", f"`{name}`", *(int(m.get(k, 0)) for k in keys),
+             format_usd(m.get("dollars", 0.0))] for st, name, m in rows]  # fmt: skip
+    if len(rows) > 1:
+        body.append(["total", "", *(sum(int(m.get(k, 0)) for _, _, m in rows) for k in keys),
+                     format_usd(sum(s.dollars for s in stats.stages))])  # fmt: skip
+    out = [f"{hh} Model calls and cost", ""]
+    if rows:
+        out += [
+            _table(header, body),
+            "",
+            "Calls, prompt and output tokens (as billed, for a hosted API) and US dollars of the "
+            "last invocation; answers served from the run's request cache cost nothing.",
+            "",
+        ]
+    if cost.spend is not None and (cost.dollars or any(s.dollars for s in stats.stages)):
+        per = ", ".join(
+            f"`{name}` {format_usd(d)}" for name, d in sorted(cost.spend.models.items()) if d
+        )
+        out += [
+            f"This run directory's model calls have cost **{format_usd(cost.dollars)}** in all, over "
+            f"every invocation{f' ({per})' if per else ''}, as billed (recorded in "
+            f"`{cost.spend_source}` with each paid call).",
+            "",
+        ]
+    by_source: dict[str, list[str]] = {}
+    for name, source in cost.price_sources.items():
+        by_source.setdefault(source, []).append(f"`{name}`")
+    described = {
+        "recipe": "the recipe's `price:`",
+        "table": f"synthpref's shipped price table as of {cost.price_table} (providers change their "
+        "prices; a spec's `price:` overrides it)",
+        "backend": "the backend's own price",
+    }
+    if by_source:
+        parts = [f"{', '.join(names)} from {described[src]}" for src, names in by_source.items()]
+        out += [
+            f"Prices: {'; '.join(parts)}. Models without a price (local models, self-hosted "
+            "servers, hosted models missing from the price table) count as $0.",
+            "",
+        ]
+    return out
 
 
 def _filter_sections(stats: RunStats, hh: str) -> list[str]:
