@@ -139,6 +139,7 @@ def evaluate_judges(
                         "cache_hits": s.cache_hits,
                         "shards_resumed": s.shards_resumed,
                         "tokens": s.tokens,
+                        "dollars": s.dollars,
                         "seconds": round(s.seconds, 2),
                         "counters": dict(s.counters),
                     }

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from synthpref.backends.client import ModelClient
 from synthpref.backends.cost import CostMeter
+from synthpref.backends.pricing import table_date
 from synthpref.console import say
 from synthpref.errors import RunPaused, SynthprefError
 from synthpref.executor import checkpoints as ck
@@ -27,7 +28,7 @@ from synthpref.executor.durable import write_json, write_jsonl
 from synthpref.executor.fingerprint import digest, input_fingerprint, stage_fingerprints
 from synthpref.executor.progress import StageProgress
 from synthpref.executor.run_dir import RunDirError, check_output_dir, clear_for_fresh, contained
-from synthpref.executor.run_meta import RUN_LAYOUT, StageSummary, file_digest
+from synthpref.executor.run_meta import RUN_LAYOUT, StageSummary, file_digest, read_spend
 from synthpref.executor.worker_cache import merge_worker_caches
 from synthpref.export import export_all
 from synthpref.recipes.loader import LoadedRecipe
@@ -50,6 +51,10 @@ class RunResult:
     outputs: dict[str, Path]
     seconds: float
     files: dict[str, dict] = field(default_factory=dict)  # run-dir-relative path -> digest
+    #: what the run directory has spent over every invocation (from its cache), per model
+    spend: dict | None = None
+    #: the shipped price table's date
+    price_table: str | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -62,6 +67,8 @@ class RunResult:
             "outputs": {k: str(v) for k, v in self.outputs.items()},
             "seconds": round(self.seconds, 2),
             "files": self.files,
+            "spend": self.spend,
+            "price_table": self.price_table,
         }
 
 
@@ -399,5 +406,8 @@ def finish_run(
         time.perf_counter() - started,
         files,
     )
+    spent = read_spend(plan.run_dir)
+    result.spend = spent.model_dump() if spent is not None else None
+    result.price_table = table_date()
     write_json(plan.run_dir / "summary.json", result.to_dict())
     return result

@@ -90,9 +90,18 @@ def _as_json(stats: RunStats, figures: dict[str, Path]) -> dict:
                 "counters": dict(s.counters),
                 "seconds": round(s.seconds, 3),
                 "source": s.source,
+                "dollars": s.dollars,
+                "models": s.models,
             }
             for s in stats.stages
         ],
+        "cost": {
+            "dollars": stats.cost.dollars,
+            "models": stats.cost.spend.models if stats.cost.spend is not None else {},
+            "source": stats.cost.spend_source,
+            "prices": stats.cost.price_sources,
+            "price_table": stats.cost.price_table,
+        },
         "dropped": [{"stage": st, "reason": r, "rows": n} for st, r, n in stats.dropped_reasons()],
         "judges": {
             j.name: {

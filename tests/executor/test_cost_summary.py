@@ -23,6 +23,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from synthpref.backends.pricing import table_date
 from synthpref.backends.specs import register_backend
 from synthpref.backends.types import Usage
 from synthpref.cli import app
@@ -141,6 +142,10 @@ def test_summary_counts_billed_tokens_and_dollars_per_stage_and_model(priced):
     # the run directory's record of what it spent (the request cache) agrees
     spend = read_spend(run_dir)
     assert spend.dollars == pytest.approx(TOTAL)
+    # and summary.json keeps a copy, with the price table's date
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["spend"]["dollars"] == pytest.approx(TOTAL)
+    assert summary["price_table"] == table_date()
     assert spend.models == {"judge": pytest.approx(JUDGE), "writer": pytest.approx(WRITER)}
 
 
@@ -207,6 +212,7 @@ def test_older_summaries_read_back_without_costs(priced, tmp_path):
     data = json.loads((copy / "summary.json").read_text())
     for s in data["stages"]:
         del s["dollars"], s["models"]
+    del data["spend"], data["price_table"]
     (copy / "summary.json").write_text(json.dumps(data))
     (copy / "cache.sqlite").unlink()
     summary = load(copy / "summary.json", RunSummary)
