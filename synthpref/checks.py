@@ -133,7 +133,8 @@ def cost_and_batch_notes(loaded: LoadedRecipe) -> list[str]:
 
 def executor_problems(loaded: LoadedRecipe, executor: str) -> list[str]:
     """What the chosen executor cannot do: the Ray executor's workers keep their own caches, so
-    neither batch jobs (recorded in the run's cache) nor a run-wide spending cap work there."""
+    neither batch jobs (recorded in the run's cache) nor a run-wide spending cap work there, and
+    they process shards in parallel, so no stage that carries state across shards does."""
     if executor == "local":
         return []
     problems = []
@@ -142,6 +143,13 @@ def executor_problems(loaded: LoadedRecipe, executor: str) -> list[str]:
             f"settings.max_cost_usd: the {executor} executor cannot enforce a spending cap "
             "(workers spend independently); run with the local executor or remove the cap"
         )
+    for i, stage in enumerate(loaded.stages):
+        if stage.carries_state:
+            problems.append(
+                f"stages[{i}] ({stage.name}): its decisions for a shard depend on every shard "
+                f"before it, which the {executor} executor processes in parallel; use the local "
+                "executor"
+            )
     for name, spec in loaded.models.items():
         if getattr(spec, "mode", "online") == "batch":
             problems.append(

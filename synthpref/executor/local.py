@@ -152,24 +152,36 @@ class LocalExecutor(Executor):
         depth = self.recipe.settings.max_concurrent_shards
         queues = [asyncio.Queue(maxsize=depth) for _ in range(n_stages)]
 
+        for stage in stages:
+            if stage.carries_state:
+                stage.start()
+
         async def worker(i: int) -> None:
+            stage = stages[i]
+            held = False  # a stateful stage takes no shard after one it could not take
             for k in range(len(shards)):
                 upstream = shards[k] if i == 0 else await queues[i - 1].get()
                 path = plan.path(i, k)
-                if upstream is PAUSED:
+                if upstream is PAUSED or (held and i >= start_at[k]):
                     out = PAUSED
+                    held = stage.carries_state
                 elif i < start_at[k]:
                     out = None
                     tally.add_earlier(i, path)
+                    if stage.carries_state:
+                        stage.replay(read_resume_point(path)[0])
                 elif i == start_at[k]:
                     out, info = read_resume_point(path)
                     tally.add(i, info, resumed=True)
+                    if stage.carries_state:
+                        stage.replay(out)
                 else:
                     try:
                         out, info = await process_shard(stages[i], k, upstream, path)
                     except RunPaused as exc:
                         paused.append(Paused(i, k, exc))
                         out = PAUSED
+                        held = stage.carries_state
                     else:
                         tally.add(i, info, resumed=False)
                 if i + 1 < n_stages:

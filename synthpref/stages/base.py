@@ -134,6 +134,19 @@ class Stage(ABC):
         """Run-level pre-pass, called once per run with every input record before any shard is
         processed (e.g. prompt de-duplication across shards; files relative to the recipe)."""
 
+    #: whether this stage's output for a shard depends on the shards before it (a running
+    #: de-duplication index, a growing pool of synthesized prompts): the local executor then
+    #: processes its shards strictly in order and, on a resume, :meth:`replay` s the shards it
+    #: finished earlier; the Ray executor refuses it. An instance may set it at :meth:`bind`.
+    carries_state: bool = False
+
+    def start(self) -> None:  # noqa: B027
+        """A pass over the shards begins, from shard 0: clear state carried across shards."""
+
+    def replay(self, records: list[Record]) -> None:  # noqa: B027
+        """The output of a shard this stage finished in an earlier run (its checkpoint), in shard
+        order, in place of processing it: rebuild the state the later shards depend on."""
+
     @abstractmethod
     async def process(self, records: list[Record]) -> list[Record]: ...
 
