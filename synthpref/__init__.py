@@ -64,6 +64,7 @@ def run(
     address: str | None = None,
     workers: int | None = None,
     console: Console | None = None,
+    batch_wait: bool | None = None,
 ) -> RunResult:
     """Run a recipe (a YAML path or an already-parsed mapping); resumes unless ``fresh``.
 
@@ -73,7 +74,8 @@ def run(
 
     ``executor="ray"`` spreads shards over Ray actors (``pip install 'synthpref[ray]'``): ``address``
     of an existing cluster (``"auto"``, ``"ray://host:10001"``; default: start a local one) and
-    ``workers``, the number of model replicas (default: one per GPU, else one per node)."""
+    ``workers``, the number of model replicas (default: one per GPU, else one per node).
+    ``batch_wait`` overrides ``settings.batch.wait`` (``mode: batch`` models)."""
     from rich.console import Console
 
     from synthpref.checks import check_run_dir_writable, checked_recipe, executor_problems
@@ -86,6 +88,12 @@ def run(
     problems = executor_problems(loaded, executor)
     if problems:
         raise RecipeError(str(loaded.path or "<recipe>"), problems)
+    if batch_wait is not None:
+        settings = loaded.recipe.settings
+        batch = settings.batch.model_copy(update={"wait": batch_wait})
+        loaded.recipe = loaded.recipe.model_copy(
+            update={"settings": settings.model_copy(update={"batch": batch})}
+        )
     for warning in warnings:
         say(console, warning, label="warning:", style="yellow")
     if output is not None:

@@ -84,8 +84,19 @@ def run(
         int | None,
         typer.Option(min=1, help="ray: model replicas (default: one per GPU, else one per node)"),
     ] = None,
+    wait: Annotated[
+        bool | None,
+        typer.Option(
+            "--wait/--no-wait",
+            help="mode: batch models: wait for the provider's jobs, or submit and stop (exit 3; "
+            "rerun to collect); default: settings.batch.wait",
+        ),
+    ] = None,
 ) -> None:
-    """Run a recipe. Rerunning the same command resumes where it stopped (with either executor)."""
+    """Run a recipe. Rerunning the same command resumes where it stopped (with either executor).
+
+    Exit status: 0 done, 1 failed, 2 the recipe or options are wrong, 3 stopped cleanly before the
+    end (spending cap reached, batch jobs still running): the same command resumes."""
     import synthpref
     from synthpref.executor import EXECUTORS
 
@@ -103,6 +114,7 @@ def run(
             address=address,
             workers=workers,
             console=console,
+            batch_wait=wait,
         )
     print_summary(result, console)
 
@@ -158,6 +170,27 @@ def print_summary(result, console: Console) -> None:
     for name, path in result.outputs.items():
         say(console, f"{name}: {path}")
     say(console, f"done in {result.seconds:.1f}s")
+
+
+@app.command()
+def estimate(
+    recipe: RecipeArg,
+    pilot: Annotated[
+        int, typer.Option("--pilot", min=1, help="prompts run for real to project from")
+    ] = 10,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="run directory (overrides output.dir)")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Project a run's calls, tokens, dollars (online and batch) and time from a pilot of its first
+    prompts, run for real in the run directory (the full run reuses them from the cache)."""
+    from synthpref.estimate import estimate as run_estimate
+    from synthpref.estimate import render
+
+    with _errors():
+        est = run_estimate(recipe, pilot=pilot, output=output, console=console, progress=progress)
+    render(est, console)
 
 
 @app.command()

@@ -1,8 +1,10 @@
 """``synthpref estimate``: what a whole run will cost, from a real run of its first prompts.
 
-The pilot is the run itself, limited to the first ``K`` prompts and run online: same run directory,
-same request cache, so the full run that follows answers those prompts' calls from the cache and
-pays for them once. Batch-mode models are asked online in the pilot (their cache keys are the same
+The pilot is the run itself, limited to the first ``K`` prompts and run online, in a scratch
+directory but on the real run directory's request cache: the full run that follows answers those
+prompts' calls from the cache and pays for them once, and the run directory's checkpoints, data and
+``run.json`` are not touched (a new run directory is created holding only its cache and a
+``run.json`` marking it as a run). Batch-mode models are asked online in the pilot (their cache keys are the same
 in both modes), and the projection prices their generation calls both ways.
 
 What is projected, per stage and per model, is the pilot's work scaled by ``N / K`` (``N``: the
@@ -18,6 +20,7 @@ an estimate, printed with the sizes it came from.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,9 +108,17 @@ def estimate(
     records, _ = load_records(loaded.recipe)
     run_dir = Path(output) if output else loaded.recipe.resolve(loaded.recipe.output.dir)
     check_run_dir_writable(run_dir, "output (--output)" if output else "output.dir")
+    _mark_run_dir(loaded, run_dir)
     small = pilot_recipe(loaded, pilot)
-    executor = LocalExecutor(small, run_dir=run_dir, console=console, progress=progress)
-    result = executor.run()
+    with tempfile.TemporaryDirectory(prefix="synthpref-pilot-") as scratch:
+        executor = LocalExecutor(
+            small,
+            run_dir=Path(scratch) / "run",
+            cache_path=run_dir / "cache.sqlite",
+            console=console,
+            progress=progress,
+        )
+        result = executor.run()
     est = Estimate(
         prompts=len(records),
         pilot_prompts=result.stages[0].records_in if result.stages else 0,
@@ -141,6 +152,22 @@ def estimate(
                 )
             )
     return est
+
+
+def _mark_run_dir(loaded: LoadedRecipe, run_dir: Path) -> None:
+    """Make ``run_dir`` a run directory (as a run's first step does) unless it is one already, so
+    the pilot's cache may live there; refuses what a run would refuse."""
+    from synthpref.executor.durable import write_json
+    from synthpref.executor.run_dir import check_output_dir, is_run_dir
+    from synthpref.executor.run_meta import RUN_LAYOUT
+
+    recipe = loaded.recipe
+    sources = [recipe.resolve(recipe.source.path)] if recipe.source.path else []
+    check_output_dir(run_dir, recipe_dir=recipe.base_dir, recipe_file=loaded.path, sources=sources)
+    if not is_run_dir(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        marker = {"synthpref_run": RUN_LAYOUT, "fingerprint": None, "recipe": loaded.raw}
+        write_json(run_dir / "run.json", marker, default=str)
 
 
 def render(est: Estimate, console: Console) -> None:

@@ -74,10 +74,12 @@ class ModelClient:
     cache_hits: int = 0
     tokens: int = 0
     spend: Spend = field(default_factory=Spend)
-    #: every result this client returned, cache hits included, as billed when it was computed and
-    #: priced now at online rates: what the work costs (``synthpref estimate`` projects from it)
+    #: every distinct request this client answered, cache hits included, as billed when it was
+    #: computed and priced now at online rates: what the work costs from an empty cache
+    #: (``synthpref estimate`` projects from it); ``requests`` counts them
     work: Spend = field(default_factory=Spend)
     requests: int = 0
+    _seen: set[str] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         self.price: Price | None = self.spec.effective_price()
@@ -179,10 +181,9 @@ class ModelClient:
             else:
                 todo.setdefault(key, []).append(i)
         self.cache_hits += len(requests) - sum(len(v) for v in todo.values())
-        self.requests += len(requests)
-        for result in results:
+        for key, result in zip(keys, results, strict=True):
             if result is not None:
-                self._count_work(result)
+                self._count_work(key, result)
         if not todo:
             return results
         unique = list(todo)
@@ -218,15 +219,20 @@ class ModelClient:
             else:
                 fresh = await call(batch, on_result)
             for key, result in zip(unique, fresh, strict=True):
+                self._count_work(key, result)
                 for i in todo[key]:
                     results[i] = result
-                    self._count_work(result)
         if held:
             assert self.meter is not None
             raise self.meter.exceeded(f"{held} more call(s) to model {self.name!r}")
         return results
 
-    def _count_work(self, result) -> None:
+    def _count_work(self, key: str, result) -> None:
+        """Count a distinct request's result once, however often it was asked or from where."""
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        self.requests += 1
         if isinstance(result, GenerationResult):
             usage = result.billed()
             online = usage.model_copy(update={"batch": False})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from synthpref.backends.batch import BatchPending
@@ -49,9 +50,13 @@ class LocalExecutor(Executor):
         *,
         records: list[Record] | None = None,
         input_errors: list[InputError] | None = None,
+        cache_path: Path | None = None,
         **options: Any,
     ) -> None:
         super().__init__(loaded, **options)
+        #: the request cache (default: the run directory's); ``synthpref estimate`` runs its pilot
+        #: in a scratch directory on the real run's cache
+        self.cache_path = cache_path
         self.records = records  # pre-built records instead of the recipe's source (eval-judges)
         self.input_errors = input_errors
         #: per stage, per model: the clients of the last run (``synthpref estimate`` reads them)
@@ -78,7 +83,7 @@ class LocalExecutor(Executor):
             warn=self._warn,
         )
         settings = self.recipe.settings
-        cache = RequestCache(self.run_dir / "cache.sqlite")
+        cache = RequestCache(self.cache_path or self.run_dir / "cache.sqlite")
         meter = CostMeter(settings.max_cost_usd, spent_before=cache.spent())
         try:
             clients = None
