@@ -244,3 +244,28 @@ def test_lines_failed_by_the_provider_are_submitted_again(tmp_path):
         assert code == 0, output
         # each line was answered once, after one failure
         assert len(server.lines_answered) == len(failed)
+
+
+@pytest.mark.slow
+def test_batch_lines_answered_by_the_embedded_model(tmp_path):
+    """The fake provider's lines answered by a real model (the embedded one): the batch run's
+    candidates are that model's text, with its own token counts billed."""
+    from tests.fake_batch_server import embedded_answerer
+
+    with FakeBatchProvider(embedded_answerer()) as server:
+        spec = recipe(tmp_path, server, "openai", "batch")
+        spec["stages"] = spec["stages"][:1]  # generation only: the 135M model is no judge
+        spec["source"]["limit"] = 2
+        spec["output"]["formats"] = []  # data/records.parquet only
+        path = write_recipe(tmp_path, spec)
+        code, output = invoke(path)
+        assert code == 0, output
+        assert not server.online_requests and server.batch_creations["openai"] == 2  # per model
+    import polars as pl
+
+    records = pl.read_parquet(tmp_path / "run" / "data" / "records.parquet").to_dicts()
+    texts = [c["text"] for r in records for c in r["candidates"]]
+    assert len(texts) == 4 and all(t.strip() for t in texts)
+    stage = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"][0]
+    billed = stage["models"]["m"]
+    assert billed["batch_calls"] == 2 and billed["output_tokens"] > 0
