@@ -33,7 +33,9 @@ Prompt caching (``prompt_caching: true``, the default): the system prompt is mar
 requests that share it). A cache entry exists only once the first request that writes it is
 answered, so among the requests of one batch that share a long marked prefix, the first is sent
 alone and the others wait for it: they then read the prefix at a tenth of the input price instead
-of each writing it at 1.25 times.
+of each writing it at 1.25 times. Requests whose first user messages only *begin* alike (a judge's
+fixed instructions, which the shipped templates put first, then each record's content) get that
+message split into two text blocks with the breakpoint after the shared start.
 
 Usage: each result's ``GenerationResult.usage`` is what the API billed, its four numbers summed over
 the request's ``n`` calls: ``input_tokens`` (uncached), ``cache_read_input_tokens`` ->
@@ -498,6 +500,10 @@ class AnthropicBackend(Backend):
                     groups.setdefault((system[0]["text"],), []).extend(members)
         waits: dict[tuple[int, int], asyncio.Event] = {}
         leads: dict[tuple[int, int], asyncio.Event] = {}
+        for members in self._split_shared_starts(requests, calls, grouped):
+            leads[members[0]] = asyncio.Event()
+            waits.update(dict.fromkeys(members[1:], leads[members[0]]))
+            grouped |= {i for i, _ in members}
         for prefix, members in groups.items():
             if len(members) < 2:
                 continue
@@ -509,6 +515,41 @@ class AnthropicBackend(Backend):
             leads[members[0]] = asyncio.Event()
             waits.update(dict.fromkeys(members[1:], leads[members[0]]))
         return waits, leads
+
+    @staticmethod
+    def _split_shared_starts(
+        requests: Sequence[GenerationRequest],
+        calls: list[tuple[dict[str, Any], bool, tuple[str, ...] | None]],
+        grouped: set[int],
+    ) -> list[list[tuple[int, int]]]:
+        """Requests whose first user messages differ but begin with the same long text (a judge's
+        fixed instructions, which the shipped templates put before the varying content): that
+        message is split into two text blocks, the shared start marked ``cache_control``, so every
+        request after the first reads it from the cache. The shared start is cut after its last
+        newline; requests are grouped by everything before that message (system prompt, earlier
+        turns). Returns the groups, as ``(i, k)`` per sample, the writer first."""
+        by_head: dict[tuple[str, ...], list[int]] = {}
+        for i, (_, _, marked) in enumerate(calls):
+            if marked is not None and i not in grouped:
+                by_head.setdefault(marked[:-1], []).append(i)
+        out = []
+        for head, members in by_head.items():
+            if len(members) < 2:
+                continue
+            texts = [calls[i][2][-1] for i in members]  # type: ignore[index]
+            common = os.path.commonprefix(texts)  # noqa: RUF071 (text, not paths)
+            cut = common.rfind("\n") + 1
+            if cut == 0 or sum(map(len, head)) + cut < CACHE_MIN_CHARS:
+                continue
+            for i in members:
+                first = next(t for t in calls[i][0]["messages"] if t["role"] == "user")
+                text = first["content"]
+                blocks = [_cached_block(text[:cut])]
+                if text[cut:]:
+                    blocks.append({"type": "text", "text": text[cut:]})
+                first["content"] = blocks
+            out.append([(i, k) for i in members for k in range(requests[i].params.n)])
+        return out
 
     def _result(self, i: int, replies: Sequence[Any], stripped: bool) -> GenerationResult:
         """One request's replies (one per sample) as a result: the text blocks are the answer, the

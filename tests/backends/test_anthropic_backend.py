@@ -135,6 +135,30 @@ def test_a_long_shared_first_message_is_cached_once_and_then_read():
     assert once["messages"][0]["content"] == long
 
 
+def test_messages_that_begin_alike_get_a_breakpoint_after_the_shared_start():
+    """A judge's requests share their fixed instructions and differ after them: the shared start
+    becomes its own cached block, written by the first request and read by the others."""
+    rubric = "Grade the response against this rubric, line by line.\n" * 120
+    reqs = [
+        GenerationRequest(messages=[user(f"{rubric}[Response]\nanswer number {k}\n")])
+        for k in range(3)
+    ]
+    results, sent, b = ask(*reqs, latency=0.2)
+    assert len(results) == 3
+    for k, body in enumerate(sent):
+        head, tail = body["messages"][0]["content"]
+        shared = rubric + "[Response]\n"  # everything alike, up to the last newline
+        assert head == {"type": "text", "text": shared, "cache_control": {"type": "ephemeral"}}
+        assert tail == {"type": "text", "text": f"answer number {k}\n"}
+    tokens = -(-len(shared) // 4)
+    assert b.usage["cache_creation_input_tokens"] == tokens
+    assert b.usage["cache_read_input_tokens"] == 2 * tokens
+    # a short shared start is not worth a breakpoint
+    short = [GenerationRequest(messages=[user(f"Rate this.\nanswer {k}")]) for k in range(2)]
+    _, sent, _ = ask(*short)
+    assert all(isinstance(body["messages"][0]["content"], str) for body in sent)
+
+
 def test_prefill_is_continued_and_only_the_continuation_returned():
     req = GenerationRequest(
         messages=[user("Rate it."), Message(role="assistant", content="Score: ")],
