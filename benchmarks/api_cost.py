@@ -16,7 +16,8 @@ The work is the pairwise recipe's: two candidates per prompt (one plain, one wit
 prompt), a pairwise judge in both orders with 2 samples per order, best/worst pairs; the same prompts,
 templates, sampling and max tokens in every run, each on a fresh server (empty provider cache) and a
 fresh run directory. Printed per run: requests the server answered, prompt / cached / output tokens,
-dollars; then the ratios. Targets: batch <= 0.5x online; the prefix-first templates serve a larger
+dollars; then the ratios. (No times: they are not what this measures, and the scripted server says
+nothing about a provider's speed.) Targets: batch <= 0.5x online; the prefix-first templates serve a larger
 share of prompt tokens from cache than the content-first ones (the templates before issue 15, kept in
 benchmarks/templates/).
 
@@ -33,7 +34,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,14 +141,12 @@ def measure(label: str, mode: str, prompts, template, cache_min: int, cache_bloc
         tempfile.TemporaryDirectory() as tmp,
         FakeBatchProvider(reply, cache_min_tokens=cache_min, cache_block=cache_block) as server,
     ):
-        t0 = time.perf_counter()
         quiet = Console(file=io.StringIO())  # warnings and batch polling notes
         result = synthpref.run(
             recipe(Path(tmp), server.openai_base_url, mode, prompts, template),
             progress=False,
             console=quiet,
         )
-        wall = time.perf_counter() - t0
         stages = json.loads((result.run_dir / "summary.json").read_text())["stages"]
         models = [m for s in stages for m in s.get("models", {}).values()]
         rows = sum(1 for _ in (result.run_dir / "data" / "preference.jsonl").open())
@@ -165,7 +163,6 @@ def measure(label: str, mode: str, prompts, template, cache_min: int, cache_bloc
         "output_tokens": sum(m["output_tokens"] for m in models),
         "dollars": sum(m["dollars"] for m in models),
         "pairs": rows,
-        "wall_s": wall,
     }
     from synthpref.backends.pricing import shipped_price
 
@@ -188,7 +185,7 @@ def show(r: dict) -> None:
     print(
         f"{r['label']:<38} {r['requests']:>6} req {r['jobs']:>3} jobs  prompt {r['prompt_tokens']:>9,}"
         f"  cached {r['cached_tokens']:>9,} ({share:5.1%})  output {r['output_tokens']:>8,}"
-        f"  ${r['dollars']:.4f}  {r['pairs']} pairs  {r['wall_s']:.1f}s"
+        f"  ${r['dollars']:.4f}  {r['pairs']} pairs"
     )
 
 
@@ -225,7 +222,10 @@ def main() -> None:
         f"{online['prompt_tokens'] == batch['prompt_tokens']}"
     )
     fine = tuple(args.fine_cache)
-    print(f"\ntemplate order, online, provider cache min {fine[0]} / block {fine[1]} tokens:")
+    print(
+        f"\ntemplate order, online: the cache above, then a fine cache (min {fine[0]} / block "
+        f"{fine[1]} tokens, like vLLM's prefix caching):"
+    )
     results = []
     for label, template, cache in [
         ("prefix-first templates (shipped)", None, coarse),
