@@ -20,6 +20,7 @@ from synthpref.backends.batch import BatchPending
 from synthpref.backends.cost import BudgetExceeded, CostMeter
 from synthpref.cache import RequestCache
 from synthpref.errors import RunPaused
+from synthpref.executor import checkpoints as ck
 from synthpref.executor.common import (
     Executor,
     RunError,
@@ -148,12 +149,37 @@ class LocalExecutor(Executor):
 
     # internals ----------------------------------------------------------------------------------
 
+    def _start_at(self, plan: RunPlan, k: int) -> int:
+        """Where shard ``k`` resumes: after its last readable checkpoint (``plan.start_at``), but
+        a stage that carries state replays its own checkpoint of every shard it is not given, so
+        where one of those is missing or damaged (set aside) the shard resumes before that stage
+        instead, which then processes it again in order."""
+        at = plan.start_at(k)
+        for j, stage in enumerate(self.loaded.stages):
+            if j >= at:
+                break
+            if stage.carries_state and not self._readable(plan.path(j, k), k):
+                at = next((i for i in reversed(range(j)) if self._readable(plan.path(i, k), k)), -1)
+        return at
+
+    def _readable(self, path: Path, k: int) -> bool:
+        if not path.exists():
+            return False
+        try:
+            ck.verify_shard(path)
+        except ck.CheckpointError as exc:
+            moved = ck.set_aside(path)
+            self._warn(f"{exc}; moved it to {moved.name}, recomputing shard {k} from the "
+                       "checkpoint before it")  # fmt: skip
+            return False
+        return True
+
     async def _pipeline(self, plan: RunPlan, tally: RunTally) -> list[Paused]:
         """One pass; returns the (stage, shard)s that paused (their later stages are skipped)."""
         stages, shards = self.loaded.stages, plan.shards
         paused: list[Paused] = []
         n_stages = len(stages)
-        start_at = [plan.start_at(k) for k in range(len(shards))]
+        start_at = [self._start_at(plan, k) for k in range(len(shards))]
         depth = self.recipe.settings.max_concurrent_shards
         queues = [asyncio.Queue(maxsize=depth) for _ in range(n_stages)]
 

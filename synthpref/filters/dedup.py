@@ -14,11 +14,24 @@ differ only in an operator stay apart at the default threshold. In a long prompt
 touches few shingles, and such prompts are near duplicates by design. Of a group of duplicates the
 first in input order is kept.
 
-Across shards: the decision for every prompt is made once per run, in a pre-pass over the whole input
+Across shards, where the prompts come from the input (this stage before any stage that writes
+prompts): the decision for every prompt is made once per run, in a pre-pass over the whole input
 (:meth:`Stage.prepare`) before any shard is processed, and depends only on the input and these
 parameters, both of which are part of the stage's checkpoint fingerprint. A resumed run, or a shard
 processed in another run, therefore makes exactly the same decisions as an uninterrupted one. Place
 this stage first (before generation): it sees the input prompts, not what earlier filters kept.
+
+After a stage that writes prompts (``writes_prompts``: Magpie, Evol-Instruct, self-instruct,
+personas; a custom stage that rewrites prompts should set it too), the prompts do not exist before
+the run, so there is no pre-pass: the stage decides as shards arrive, in shard order, against a
+running index of the prompts it has *kept* so far (``carries_state``: the local executor hands it
+the shards strictly in order and, on a resume, replays the shards it finished earlier from its own
+checkpoints, which hold exactly the kept prompts, and with ``action: flag`` also the flagged ones,
+which the replay leaves out). The result equals an uninterrupted run's, and equals the pre-pass's
+kept prompts on the same stream of prompts; only the reason given for an exact copy of a prompt
+that was itself dropped as a near duplicate differs (there: ``near_duplicate`` of the kept prompt,
+since only kept prompts are indexed; in the pre-pass: ``exact_duplicate``). The Ray executor, which
+processes shards in parallel, refuses such a recipe.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ from typing import Literal
 from pydantic import Field
 
 from synthpref.filters._common import (
+    FLAGS,
     exact_text,
     keep_flagged,
     ngrams,
@@ -72,12 +86,18 @@ class DedupParams(StageParams):
 
 
 class _Index:
-    """Prompts seen so far, in order: exact keys and (optionally) a MinHash LSH index."""
+    """Prompts seen so far, in order: exact keys and (optionally) a MinHash LSH index.
 
-    def __init__(self, params: DedupParams) -> None:
+    ``remember_dropped`` (the pre-pass): a near duplicate's exact key is remembered too, so a later
+    exact copy of it counts as an ``exact_duplicate`` of the prompt that was kept. Without it (the
+    running index) only kept prompts are indexed, so that replaying a finished shard's kept prompts
+    (:meth:`insert`) rebuilds exactly the state that processing it left."""
+
+    def __init__(self, params: DedupParams, remember_dropped: bool = True) -> None:
         from datasketch import MinHash, MinHashLSH
 
         self.params = params
+        self.remember_dropped = remember_dropped
         self.exact: dict[str, str] = {}
         self._proto = MinHash(num_perm=params.num_perm, seed=params.seed)
         self._minhash = MinHash
@@ -89,15 +109,10 @@ class _Index:
         self.signatures: dict[str, object] = {}
         self.order: dict[str, int] = {}
 
-    def add(self, record: Record) -> tuple[str, str] | None:
-        """None if the record is new (and now indexed), else (kind, id of the prompt it repeats)."""
-        text = prompt_text(record, tuple(self.params.roles))
-        key = hashlib.sha256(exact_text(text).encode()).hexdigest()
-        if key in self.exact:
-            return "exact_duplicate", self.exact[key]
-        if self.lsh is None:
-            self.exact[key] = record.id
-            return None
+    def _key(self, text: str) -> str:
+        return hashlib.sha256(exact_text(text).encode()).hexdigest()
+
+    def _signature(self, text: str):
         tokens = words_and_symbols(text)
         n = min(self.params.ngram, max(len(tokens), 1))
         shingles = sorted(" ".join(g).encode() for g in ngrams(tokens, n)) or [b""]
@@ -108,6 +123,25 @@ class _Index:
             scheme=self._proto.scheme,
         )
         sig.update_batch(shingles)
+        return sig
+
+    def _keep(self, record_id: str, key: str, sig) -> None:
+        self.exact[key] = record_id
+        if self.lsh is not None:
+            self.order[record_id] = len(self.order)
+            self.signatures[record_id] = sig
+            self.lsh.insert(record_id, sig)
+
+    def add(self, record: Record) -> tuple[str, str] | None:
+        """None if the record is new (and now indexed), else (kind, id of the prompt it repeats)."""
+        text = prompt_text(record, tuple(self.params.roles))
+        key = self._key(text)
+        if key in self.exact:
+            return "exact_duplicate", self.exact[key]
+        if self.lsh is None:
+            self.exact[key] = record.id
+            return None
+        sig = self._signature(text)
         matches = [
             other
             for other in self.lsh.query(sig)
@@ -115,18 +149,34 @@ class _Index:
         ]
         if matches:
             first = min(matches, key=lambda other: self.order[other])
-            self.exact[key] = first  # a later exact copy repeats the prompt that was kept
+            if self.remember_dropped:
+                self.exact[key] = first  # a later exact copy repeats the prompt that was kept
             return "near_duplicate", first
-        self.exact[key] = record.id
-        self.order[record.id] = len(self.order)
-        self.signatures[record.id] = sig
-        self.lsh.insert(record.id, sig)
+        self._keep(record.id, key, sig)
         return None
+
+    def insert(self, record: Record) -> None:
+        """Index a prompt that was kept earlier (a replayed shard), without deciding again."""
+        text = prompt_text(record, tuple(self.params.roles))
+        key = self._key(text)
+        if key in self.exact or record.id in self.order:
+            return
+        self._keep(record.id, key, self._signature(text) if self.lsh is not None else None)
+
+
+_DUPLICATE_KINDS = ("exact_duplicate", "near_duplicate")
+
+
+def writes_prompts_before(previous: list[Stage]) -> bool:
+    """Whether some stage before this one writes (or rewrites) prompts, so that the prompts this
+    stage sees do not exist before the run: the rule for deciding as shards arrive."""
+    return any(getattr(stage, "writes_prompts", False) for stage in previous)
 
 
 @register_stage
 class Dedup(Stage):
-    """Drops exact and near-duplicate prompts (MinHash LSH) across the whole input, first one kept."""
+    """Drops exact and near-duplicate prompts (MinHash LSH) across the whole input, first one kept;
+    after a prompt-writing stage, across the prompts it writes, in shard order."""
 
     type_name = "dedup"
     kind = "filter"
@@ -138,7 +188,18 @@ class Dedup(Stage):
         self._decisions: dict[str, tuple[str, str]] | None = None
         self._running: _Index | None = None
 
+    def bind(self, previous: list[Stage]) -> None:
+        # after a prompt-writing stage: no pre-pass, a running index carried across shards
+        self.carries_state = writes_prompts_before(previous)
+
+    def fingerprint(self) -> dict:
+        # nothing for the pre-pass, so the fingerprints of recipes that dedup their input stay
+        return {"decides": "in_shard_order"} if self.carries_state else {}
+
     def prepare(self, records: list[Record], recipe=None) -> None:
+        if self.carries_state:
+            self._decisions = None  # the input is not what this stage will see
+            return
         index = self._new_index()
         self._decisions = {}
         for record in records:
@@ -146,14 +207,36 @@ class Dedup(Stage):
             if found is not None:
                 self._decisions[record.id] = found
 
-    def _new_index(self) -> _Index:
-        return _Index(self.params)
+    def _new_index(self, remember_dropped: bool = True) -> _Index:
+        return _Index(self.params, remember_dropped)
+
+    def start(self) -> None:
+        self._running = self._new_index(remember_dropped=False)
+
+    def replay(self, records: list[Record]) -> None:
+        """A shard's output from an earlier run: index the prompts it kept (not those it flagged)."""
+        if self._running is None:
+            self.start()
+        assert self._running is not None
+        for record in records:
+            if not self._flagged_here(record):
+                self._running.insert(record)
+
+    def _flagged_here(self, record: Record) -> bool:
+        return any(
+            isinstance(flag, dict)
+            and flag.get("stage") == self.name
+            and flag.get("flag") in _DUPLICATE_KINDS
+            for flag in record.annotations.get(FLAGS, [])
+        )
 
     async def process(self, records: list[Record]) -> list[Record]:
         if self._decisions is None:
-            # used outside the executor (no pre-pass): decide as shards arrive, which is exact for
-            # shards processed in order by one stage object
-            self._running = self._running or self._new_index()
+            # after a prompt-writing stage, or used outside the executor (no pre-pass): decide as
+            # shards arrive, which is exact for shards processed in order by one stage object
+            if self._running is None:
+                self.start()
+            assert self._running is not None
             decisions = {}
             for record in records:
                 found = self._running.add(record)
