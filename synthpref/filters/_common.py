@@ -73,6 +73,12 @@ def keep_flagged(stage: Stage, record: Record, reason: str, **info: Any) -> None
 
 
 def prompt_text(record: Record, roles: tuple[str, ...] = ("user",)) -> str:
+    """The text the prompt filters compare: the messages of ``roles`` (default the user's), in
+    order, one per line. For a multi-turn record that is every user turn, so ``dedup`` compares
+    conversations by their whole user side: an exact duplicate repeats every user turn, and a shared
+    opening turn alone does not make two conversations duplicates (though a long shared turn with
+    short, different follow-ups can make them near duplicates). Assistant turns, model output, do
+    not count unless ``roles`` names them (``decontaminate`` also tests each user turn alone)."""
     return "\n".join(m.content for m in record.prompt if m.role in roles)
 
 

@@ -19,6 +19,12 @@ prompts shorter than ``ngram`` words count only when equal to an item. A prompt 
 its overlap with some item reaches ``min_overlap``; the item with the highest overlap (the first in
 the files on a tie) is the one reported, by its index in the evaluation set, when flagging.
 
+A prompt is its user turns. In a conversation (several user turns) the test runs on all of them
+together (an item split across turns is found) and on each turn alone (a turn that copies part of an
+item is caught though the rest of the conversation dilutes it), and the highest overlap counts; a
+single-turn prompt is tested once, as before. Assistant turns and system prompts are not compared:
+they are model output or the recipe's, not the prompt a benchmark could have leaked.
+
 ``eval_prompts`` lists files of evaluation prompts, relative to the recipe: ``.txt`` (one prompt per
 line), ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` with a ``prompt_field`` column (a string or a
 list of chat messages). Their normalised content is part of the stage fingerprint, so editing the
@@ -164,10 +170,20 @@ class Decontaminate(Stage):
     def overlap(self, text: str) -> float:
         return self.match(text).overlap
 
+    def match_record(self, record: Record) -> Match:
+        """The evaluation item a record's prompt overlaps most: its user turns together and, in a
+        conversation, each user turn alone (see the module docstring)."""
+        turns = [m.content for m in record.prompt if m.role == "user"]
+        texts = [prompt_text(record), *turns] if len(turns) > 1 else [prompt_text(record)]
+        best = Match(overlap=0.0)
+        for text in texts:
+            best = _better(best, self.match(text))
+        return best
+
     async def process(self, records: list[Record]) -> list[Record]:
         out = []
         for record in records:
-            found = self.match(prompt_text(record))
+            found = self.match_record(record)
             if found.overlap < self.params.min_overlap:
                 self.counters["kept"] += 1
                 out.append(record)

@@ -15,7 +15,11 @@ A subclass says what is judged and how a reply reads; optional hooks add the res
 
 - ``prompt`` (inline Jinja text) or ``default_template`` (a template path), rendered with
   ``instruction``, ``response`` (or ``response_a`` / ``response_b``, or ``responses``), ``record``,
-  ``params``, ``json_output`` and whatever :meth:`Judge.variables` adds;
+  ``params``, ``json_output`` and whatever :meth:`Judge.variables` adds. On a multi-turn record
+  ``instruction`` holds the earlier turns as a marked context block, then the user's final message
+  (:func:`~synthpref.judges.units.instruction`); a template that lays the conversation out itself
+  reads ``history`` (the messages before the final one, each with ``role`` and ``content``) and
+  ``final_message`` (that message's text) instead;
 - :meth:`Judge.parse` turns one reply into a value, raising ``ParseError`` when it cannot;
 - :meth:`Judge.verdict` turns a unit's answers into a :class:`Verdict` (default: the mean of the
   values, failed when any question failed); :meth:`Judge.asks` asks several questions per unit
@@ -171,6 +175,8 @@ class Judge(JudgeStage):
             names["response_a"], names["response_b"] = shown[0].text, shown[1].text
         variables = {
             "instruction": unit.instruction,
+            "history": unit.history,
+            "final_message": unit.final_message,
             "record": unit.record,
             "params": self.params,
             "json_output": form.json_output,
