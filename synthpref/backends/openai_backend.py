@@ -18,6 +18,8 @@ completions cannot return, so it uses the legacy ``/v1/completions`` endpoint wi
 prompt of token ids rendered locally by :func:`segments.render_segment`: the server then scores exactly
 the tokens the transformers and vLLM backends score. That requires a local copy of the served model's
 tokenizer (``tokenizer:``); without one the backend cannot score, as with the OpenAI API itself.
+Raw-text completion (capability ``complete``, :mod:`openai_complete`) uses the same endpoint and the
+same local tokenizer, for the same reason: it sends the text's own token ids.
 
 An ``AsyncOpenAI`` client is opened per ``generate``/``score`` call rather than once per backend: its
 connection pool belongs to the event loop that created it, and callers may run each stage in a fresh
@@ -66,6 +68,7 @@ from synthpref.backends.segments import SegmentError, render_segment
 from synthpref.backends.specs import VOLATILE, ModelSpec, missing_api_key
 from synthpref.backends.types import (
     Completion,
+    CompletionRequest,
     GenerationRequest,
     GenerationResult,
     RewardRequest,
@@ -79,9 +82,14 @@ from synthpref.backends.window import AIMDWindow, AsyncWindow, Signal
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
 
+    from synthpref.records import Message
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R", GenerationRequest, CompletionRequest)
+#: one call for one request: ``send(client, i, request)`` (chat, or raw-text completions)
+Send = Callable[["AsyncOpenAI", int, R], Awaitable[GenerationResult]]
 
 #: what a server without authentication is sent; vLLM and most local servers accept any key
 NO_KEY = "EMPTY"
@@ -221,7 +229,7 @@ class OpenAISpec(ModelSpec):
         if self.task == "reward":
             return frozenset({"reward"})
         caps = {"generate", "json_schema", "top_logprobs"}
-        return frozenset(caps | {"score"} if self.tokenizer else caps)
+        return frozenset(caps | {"score", "complete"} if self.tokenizer else caps)
 
     def display_name(self) -> str:
         return self.model
@@ -271,7 +279,8 @@ class OpenAIBackend(Backend):
     server takes ``n > 1`` (None until the first such request finds out, unless configured).
     """
 
-    #: what every instance can do; ``supports`` adds "score" when a tokenizer is configured
+    #: what every instance can do; ``supports`` adds "score" and "complete" when a tokenizer is
+    #: configured
     capabilities: ClassVar[frozenset[Capability]] = frozenset(
         {"generate", "json_schema", "top_logprobs"}
     )
@@ -377,19 +386,42 @@ class OpenAIBackend(Backend):
     def supports(self, capability: Capability) -> bool:
         if self.task == "reward":
             return capability == "reward"
-        if capability == "score":
+        if capability in ("score", "complete"):
             return self.tokenizer_path is not None
         return capability in self.capabilities
 
     @property
     def tokenizer(self):
+        return self.local_tokenizer(
+            "scoring", "and use a server with /v1/completions echo support, such as vllm serve"
+        )
+
+    def local_tokenizer(self, what: str, server: str = ""):
+        """The local copy of the served model's tokenizer, which ``what`` needs (CapabilityError
+        without one; ``server`` adds what the server must offer)."""
         if self.tokenizer_path is None:
             raise CapabilityError(
-                f"scoring through {self.where} needs the served model's tokenizer: set "
-                "tokenizer: <local directory> in the model spec (and use a server with "
-                "/v1/completions echo support, such as vllm serve)"
+                f"{what} through {self.where} needs the served model's tokenizer: set "
+                f"tokenizer: <local directory> in the model spec{f' ({server})' if server else ''}"
             )
         return load_tokenizer(self.tokenizer_path)
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+        """The served model's chat template, from the local tokenizer (as the server applies it
+        to chat requests when it serves that tokenizer's template)."""
+        return self.local_tokenizer("rendering the chat template").apply_chat_template(
+            [m.model_dump() for m in messages],
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    async def complete(
+        self, requests: Sequence[CompletionRequest], on_result: OnGenerated | None = None
+    ) -> list[GenerationResult]:
+        """Raw text through ``/v1/completions``: :mod:`openai_complete`."""
+        from synthpref.backends.openai_complete import complete
+
+        return await complete(self, requests, on_result)
 
     def _client(self) -> AsyncOpenAI:
         from openai import AsyncOpenAI
@@ -414,22 +446,27 @@ class OpenAIBackend(Backend):
         if not requests:
             return []
         async with self._client() as client:
-            # While support for n > 1 is unknown, the first such request asks alone and the others
-            # wait for its answer, so a server that rejects n answers 400 once per call, not once
-            # per request in flight.
             probe = asyncio.Lock()
+            return await self._run_all(
+                len(requests),
+                lambda i: self._sampled(client, i, requests[i], self._chat, probe),
+                on_result,
+            )
 
-            async def one(i: int) -> GenerationResult:
-                req = requests[i]
-                if req.params.n > 1 and self.supports_n is None:
-                    async with probe:
-                        if self.supports_n is None:
-                            return await self._probe_n(client, i, req)
-                if req.params.n > 1 and self.supports_n is False:
-                    return await self._chat_split(client, i, req)
-                return await self._chat(client, i, req)
-
-            return await self._run_all(len(requests), one, on_result)
+    async def _sampled(
+        self, client: AsyncOpenAI, i: int, req: R, send: Send[R], probe: asyncio.Lock
+    ) -> GenerationResult:
+        """Request ``i`` through ``send`` (one chat or completions call), or as ``n`` single
+        requests on a server that takes no ``n > 1``. While that is unknown, the first such request
+        of a call asks alone under ``probe`` and the others wait for its answer, so a server that
+        rejects n answers 400 once per call, not once per request in flight."""
+        if req.params.n > 1 and self.supports_n is None:
+            async with probe:
+                if self.supports_n is None:
+                    return await self._probe_n(client, i, req, send)
+        if req.params.n > 1 and self.supports_n is False:
+            return await self._split(client, i, req, send)
+        return await send(client, i, req)
 
     async def _chat(self, client: AsyncOpenAI, i: int, req: GenerationRequest) -> GenerationResult:
         """Request ``i`` as one chat completion call."""
@@ -444,11 +481,11 @@ class OpenAIBackend(Backend):
         return self._parse_chat(i, req, resp)
 
     async def _probe_n(
-        self, client: AsyncOpenAI, i: int, req: GenerationRequest
+        self, client: AsyncOpenAI, i: int, req: R, send: Send[R]
     ) -> GenerationResult:
         """Ask with ``n > 1`` once; a 400 about ``n`` marks this backend as splitting from now on."""
         try:
-            result = await self._chat(client, i, req)
+            result = await send(client, i, req)
         except BackendError as err:
             if not rejects_n(err.__cause__):
                 raise
@@ -459,13 +496,11 @@ class OpenAIBackend(Backend):
                 _server_message(err.__cause__),
             )
             self.supports_n = False
-            return await self._chat_split(client, i, req)
+            return await self._split(client, i, req, send)
         self.supports_n = True
         return result
 
-    async def _chat_split(
-        self, client: AsyncOpenAI, i: int, req: GenerationRequest
-    ) -> GenerationResult:
+    async def _split(self, client: AsyncOpenAI, i: int, req: R, send: Send[R]) -> GenerationResult:
         """Request ``i``'s ``n`` samples as ``n`` single requests, sample ``k`` with seed
         ``seed + k`` (no seed stays no seed), their completions in sample order.
 
@@ -488,7 +523,7 @@ class OpenAIBackend(Backend):
             )
             for k in range(p.n)
         ]
-        parts = await self._run_all(len(singles), lambda k: self._chat(client, i, singles[k]), None)
+        parts = await self._run_all(len(singles), lambda k: send(client, i, singles[k]), None)
         usage = None
         if any(part.usage is not None for part in parts):
             billed = [part.billed() for part in parts]

@@ -9,6 +9,9 @@ so padding stays small. Each sample of each request draws from its own random st
 request and its seed alone (``row_sampling.py``), so its text does not depend on ``batch_size``, on the
 number of workers or on which other requests share its batch: a resumed run that regenerates only its
 cache misses produces what an uninterrupted run would have.
+Raw-text completion (``complete``) runs the same path on text tokenized as given: the same batches,
+rows, stop strings and stop ids (EOS and the chat template's end-of-turn token,
+``end_of_turn.py``), so completing ``render_chat(messages, True)`` reproduces chat generation.
 Scoring runs one forward pass per batch and applies the output head only to the scored positions,
 with the model's own logit rescaling; ``output_head.py`` checks once per model that this reproduces
 the model's logits and otherwise scores through its forward pass.
@@ -26,14 +29,16 @@ import ctypes
 import logging
 import threading
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, ClassVar
 
 from synthpref.backends.base import Backend, Capability, OnGenerated, OnScored
+from synthpref.backends.end_of_turn import identity_tag, stop_token_ids
 from synthpref.backends.reasoning import split_reasoning
 from synthpref.backends.segments import render_segment
 from synthpref.backends.types import (
     Completion,
+    CompletionRequest,
     GenerationRequest,
     GenerationResult,
     ScoreRequest,
@@ -42,6 +47,7 @@ from synthpref.backends.types import (
 
 if TYPE_CHECKING:
     from synthpref.backends.output_head import LogitHead
+    from synthpref.records import Message
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +173,14 @@ class LocalModelBackend(Backend):
 
 class TransformersBackend(LocalModelBackend):
     capabilities: ClassVar[frozenset[Capability]] = frozenset(
-        {"generate", "score", "top_logprobs", "prefill"}
+        {"generate", "score", "top_logprobs", "prefill", "complete"}
     )
+
+    @cached_property
+    def identity(self) -> str:
+        """The local model's identity, tagged ``:eot`` where replies now stop at a chat template
+        end-of-turn token that is not an EOS (``end_of_turn.identity_tag``)."""
+        return super().identity + identity_tag(self.model_path)
     #: run a token prefix shared by several requests (score groups, a generation batch) once and reuse
     #: its KV cache (set False on an instance to compare, or if a model's cache cannot be copied)
     prefix_sharing: bool = True
@@ -187,27 +199,56 @@ class TransformersBackend(LocalModelBackend):
     def context_window(self) -> int:
         return self._max_context or int(getattr(self.model.config, "max_position_embeddings", 2048))
 
+    @cached_property
+    def stop_ids(self) -> set[int]:
+        """Token ids that end a reply, chat or raw: EOS and the chat template's end-of-turn."""
+        return stop_token_ids(self.model.generation_config.eos_token_id, self.tokenizer)
+
     # generation -------------------------------------------------------------------------------
 
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            [m.model_dump() for m in messages],
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+
     def render_prompt(self, request: GenerationRequest) -> str:
-        messages = [m.model_dump() for m in request.messages]
         if request.continue_final_message:
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, continue_final_message=True
+                [m.model_dump() for m in request.messages],
+                tokenize=False,
+                continue_final_message=True,
             )
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        return self.render_chat(request.messages, add_generation_prompt=True)
 
     async def generate(
         self, requests: Sequence[GenerationRequest], on_result: OnGenerated | None = None
     ) -> list[GenerationResult]:
-        results: list[GenerationResult | None] = [None] * len(requests)
         tok = self.tokenizer
         ids = [tok(self.render_prompt(r), add_special_tokens=False).input_ids for r in requests]
+        return await self._generate_all(requests, ids, on_result, raw=False)
+
+    async def complete(
+        self, requests: Sequence[CompletionRequest], on_result: OnGenerated | None = None
+    ) -> list[GenerationResult]:
+        """Raw text continued as chat generation would continue its rendering (same batching,
+        seeded rows, stops), without splitting ``<think>`` reasoning off the text."""
+        tok = self.tokenizer
+        ids = [tok(r.prompt, add_special_tokens=False).input_ids for r in requests]
+        return await self._generate_all(requests, ids, on_result, raw=True)
+
+    async def _generate_all(
+        self,
+        requests: Sequence[GenerationRequest | CompletionRequest],
+        ids: list[list[int]],
+        on_result: OnGenerated | None,
+        raw: bool,
+    ) -> list[GenerationResult]:
+        results: list[GenerationResult | None] = [None] * len(requests)
         for batch in self._plan_generation(requests, ids):
             outs = await asyncio.to_thread(
-                self._generate_batch, [requests[i] for i in batch], [ids[i] for i in batch]
+                self._generate_batch, [requests[i] for i in batch], [ids[i] for i in batch], raw
             )
             for i, out in zip(batch, outs, strict=True):
                 results[i] = out
@@ -216,11 +257,13 @@ class TransformersBackend(LocalModelBackend):
         return results  # type: ignore[return-value]
 
     def _plan_generation(
-        self, requests: Sequence[GenerationRequest], ids: Sequence[list[int]]
+        self,
+        requests: Sequence[GenerationRequest | CompletionRequest],
+        ids: Sequence[list[int]],
     ) -> list[list[int]]:
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
-            key = r.params.model_copy(update={"seed": None}).model_dump_json() + str(r.top_logprobs)
+            key = r.params.model_copy(update={"seed": None}).model_dump_json() + str(_top_k(r))
             groups.setdefault(key, []).append(i)
         batches = []
         for key in sorted(groups):
@@ -230,7 +273,10 @@ class TransformersBackend(LocalModelBackend):
         return batches
 
     def _generate_batch(
-        self, batch: list[GenerationRequest], ids: list[list[int]]
+        self,
+        batch: list[GenerationRequest] | list[CompletionRequest],
+        ids: list[list[int]],
+        raw: bool = False,
     ) -> list[GenerationResult]:
         import torch
         from transformers import LogitsProcessorList
@@ -238,7 +284,7 @@ class TransformersBackend(LocalModelBackend):
         from synthpref.backends.row_sampling import RowSampler, row_generators
 
         tok, model = self.tokenizer, self.model
-        params = batch[0].params
+        params, top_k = batch[0].params, _top_k(batch[0])
         kwargs = dict(
             max_new_tokens=params.max_tokens,
             do_sample=False,  # sampling, when asked for, happens in RowSampler
@@ -246,8 +292,9 @@ class TransformersBackend(LocalModelBackend):
             top_p=None,
             top_k=None,
             pad_token_id=tok.pad_token_id,
+            eos_token_id=sorted(self.stop_ids) or None,
             return_dict_in_generate=True,
-            output_logits=batch[0].top_logprobs > 0,
+            output_logits=top_k > 0,
         )
         if params.stop:
             kwargs.update(stop_strings=params.stop, tokenizer=tok)
@@ -277,19 +324,18 @@ class TransformersBackend(LocalModelBackend):
                 out = model.generate(**inputs, **kwargs, **sampler())
             new = out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
             top = None
-            if batch[0].top_logprobs:  # one request group: every request asks for the same k
+            if top_k:  # one request group: every request asks for the same k
                 logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)
-                vals, idx = logprobs.topk(batch[0].top_logprobs, dim=-1)
+                vals, idx = logprobs.topk(top_k, dim=-1)
                 top = (vals.tolist(), idx.tolist())
                 del logprobs
             del inputs, out
-        eos_ids = _eos_ids(model, tok)
-        results = []
+        results, stop_ids = [], self.stop_ids
         for bi, req in enumerate(batch):
             completions = []
             for s in range(params.n):
                 row = bi * params.n + s
-                completions.append(self._completion(new[row], eos_ids, req, top, row))
+                completions.append(self._completion(new[row], stop_ids, req, top, row, raw))
             results.append(GenerationResult(completions=completions, prompt_tokens=len(ids[bi])))
         _release_freed_memory()
         return results
@@ -332,12 +378,14 @@ class TransformersBackend(LocalModelBackend):
             inputs["past_key_values"] = cache
         return inputs
 
-    def _completion(self, ids, eos_ids, req, top_k, row) -> Completion:
+    def _completion(self, ids, stop_ids, req, top_k, row, raw: bool = False) -> Completion:
+        """One row's tokens as a completion: cut after the first of ``stop_ids``, then at the
+        first stop string; the reasoning split off unless ``raw``."""
         tok = self.tokenizer
         finish = "length"
         end = len(ids)
         for k, t in enumerate(ids):
-            if t in eos_ids:
+            if t in stop_ids:
                 finish, end = "stop", k + 1
                 break
         text = tok.decode(ids[:end], skip_special_tokens=True)
@@ -352,7 +400,7 @@ class TransformersBackend(LocalModelBackend):
                 {tok.decode([i]): v for v, i in zip(vals[k], idx[k], strict=True)}
                 for k in range(end)
             ]
-        answer, reasoning = split_reasoning(text)
+        answer, reasoning = (text, None) if raw else split_reasoning(text)
         return Completion(
             text=answer,
             reasoning=reasoning,
@@ -571,9 +619,6 @@ def _shared_length(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     return n
 
 
-def _eos_ids(model, tok) -> set[int]:
-    ids = model.generation_config.eos_token_id
-    out = set(ids if isinstance(ids, list) else [ids]) if ids is not None else set()
-    if tok.eos_token_id is not None:
-        out.add(tok.eos_token_id)
-    return out
+def _top_k(request: GenerationRequest | CompletionRequest) -> int:
+    """Top log-probabilities asked per token (a raw completion asks for none)."""
+    return getattr(request, "top_logprobs", 0)

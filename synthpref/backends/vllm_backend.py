@@ -13,7 +13,9 @@ scheduler's limit on running requests; measured in tests/backends/test_vllm_back
 had produced, instead of every finished request of the call. Requests still waiting had cost nothing.
 Prompts are rendered with the model's chat
 template and tokenized here, exactly as the transformers backend does, and passed as token ids:
-vLLM then neither re-applies a template nor adds a second BOS. Scoring renders the same token ids as
+vLLM then neither re-applies a template nor adds a second BOS. Raw-text completion (``complete``)
+passes the given text's tokens the same way, through the same stepping; chat and raw generation both
+stop at EOS and at the chat template's end-of-turn token, as on the transformers backend. Scoring renders the same token ids as
 every other backend (:func:`segments.render_segment`) and reads vLLM's prompt log-probabilities at
 the segment's positions, which on the embedded model agree with transformers' to ~1e-5 nats/token.
 
@@ -37,6 +39,7 @@ import gc
 import logging
 import threading
 from collections.abc import Sequence
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
@@ -49,11 +52,13 @@ from synthpref.backends.base import (
     OnScored,
     RequestError,
 )
+from synthpref.backends.end_of_turn import end_of_turn_id, identity_tag
 from synthpref.backends.reasoning import split_reasoning
 from synthpref.backends.segments import SegmentError, render_segment
 from synthpref.backends.specs import VOLATILE, ModelSpec
 from synthpref.backends.types import (
     Completion,
+    CompletionRequest,
     GenerationRequest,
     GenerationResult,
     ScoreRequest,
@@ -62,6 +67,8 @@ from synthpref.backends.types import (
 
 if TYPE_CHECKING:
     from vllm import LLM
+
+    from synthpref.records import Message
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +301,7 @@ def _shutdown(llm: LLM) -> None:
 
 class VLLMBackend(Backend):
     capabilities: ClassVar[frozenset[Capability]] = frozenset(
-        {"generate", "score", "top_logprobs", "json_schema", "prefill"}
+        {"generate", "score", "top_logprobs", "json_schema", "prefill", "complete"}
     )
 
     def __init__(self, spec: VLLMSpec) -> None:
@@ -303,12 +310,15 @@ class VLLMBackend(Backend):
         self.dtype = resolve_dtype(spec.dtype)
         self._lock = threading.Lock()  # vllm.LLM is not safe to drive from two threads at once
         # pinned now, so a model rewritten mid-run cannot split one run's cache keys
-        self._identity = f"{spec.identity()}:{self.dtype}"
+        self._identity = f"{spec.identity()}:{self.dtype}" + identity_tag(
+            spec.model, spec.tokenizer
+        )
 
     @property
     def identity(self) -> str:
-        """The spec's identity (weights, tokenizer, result-affecting engine settings, seed) and the
-        dtype ``auto`` resolved to on this machine."""
+        """The spec's identity (weights, tokenizer, result-affecting engine settings, seed), the
+        dtype ``auto`` resolved to on this machine, and ``:eot`` where replies stop at a chat
+        template end-of-turn token that is not an EOS (``end_of_turn.identity_tag``)."""
         return self._identity
 
     @property
@@ -333,14 +343,24 @@ class VLLMBackend(Backend):
 
     # generation -------------------------------------------------------------------------------
 
-    def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """Chat-template the request and tokenize it the way the transformers backend does."""
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            [m.model_dump() for m in messages],
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def prompt_ids(self, request: GenerationRequest | CompletionRequest) -> list[int]:
+        """Chat-template the request and tokenize it the way the transformers backend does; a raw
+        completion's text is tokenized as it stands."""
         tok = self.tokenizer
-        messages = [m.model_dump() for m in request.messages]
-        if request.continue_final_message:
+        if isinstance(request, CompletionRequest):
+            text = request.prompt
+        elif request.continue_final_message:
+            messages = [m.model_dump() for m in request.messages]
             text = tok.apply_chat_template(messages, tokenize=False, continue_final_message=True)
         else:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.render_chat(request.messages, add_generation_prompt=True)
         return list(tok(text, add_special_tokens=False)["input_ids"])
 
     async def generate(
@@ -355,7 +375,23 @@ class VLLMBackend(Backend):
             on_result,
         )
 
-    def _generate_inputs(self, requests: list[GenerationRequest]) -> tuple[list, list]:
+    async def complete(
+        self, requests: Sequence[CompletionRequest], on_result: OnGenerated | None = None
+    ) -> list[GenerationResult]:
+        """Raw text as token ids through the same engine stepping as ``generate``; the text is
+        returned as generated (no reasoning split)."""
+        if not requests:
+            return []
+        reqs = list(requests)
+        return await self._stream(
+            lambda: self._generate_inputs(reqs),
+            lambda i, out: self._result(reqs[i], out, raw=True),
+            on_result,
+        )
+
+    def _generate_inputs(
+        self, requests: list[GenerationRequest] | list[CompletionRequest]
+    ) -> tuple[list, list]:
         from vllm.inputs import TokensPrompt
 
         limit = self.context_window
@@ -419,11 +455,21 @@ class VLLMBackend(Backend):
             ids = llm.enqueue(prompts, params, use_tqdm=False)
             return step_until_done(llm.llm_engine, ids, report, failure)
 
-    def _sampling_params(self, req: GenerationRequest):
+    @cached_property
+    def end_of_turn_stop(self) -> list[int] | None:
+        """The chat template's end-of-turn token as a stop id where it is not the tokenizer's EOS
+        (vLLM itself stops at that and at the generation config's EOS ids): the transformers
+        backend stops at the same ids (``end_of_turn.py``)."""
+        eot = end_of_turn_id(self.tokenizer)
+        return None if eot is None or eot == self.tokenizer.eos_token_id else [eot]
+
+    def _sampling_params(self, req: GenerationRequest | CompletionRequest):
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
         p = req.params
+        top_logprobs = getattr(req, "top_logprobs", 0)
+        json_schema = getattr(req, "json_schema", None)
         return SamplingParams(
             n=p.n,
             temperature=p.temperature,
@@ -432,29 +478,31 @@ class VLLMBackend(Backend):
             max_tokens=p.max_tokens,
             seed=p.seed,
             stop=list(p.stop) or None,
-            logprobs=req.top_logprobs or None,
+            stop_token_ids=self.end_of_turn_stop,
+            logprobs=top_logprobs or None,
             structured_outputs=(
-                StructuredOutputsParams(json=req.json_schema)
-                if req.json_schema is not None
-                else None
+                StructuredOutputsParams(json=json_schema) if json_schema is not None else None
             ),
         )
 
-    def _result(self, req: GenerationRequest, out: Any) -> GenerationResult:
+    def _result(
+        self, req: GenerationRequest | CompletionRequest, out: Any, raw: bool = False
+    ) -> GenerationResult:
         completions = []
+        top_logprobs = getattr(req, "top_logprobs", 0)
         for c in sorted(out.outputs, key=lambda c: c.index):
             top = None
-            if req.top_logprobs:
+            if top_logprobs:
                 # vLLM returns the top k plus the sampled token when it ranks lower; keep the top k.
                 top = [
                     {
                         lp.decoded_token: float(lp.logprob)
                         for lp in position.values()
-                        if lp.rank is not None and lp.rank <= req.top_logprobs
+                        if lp.rank is not None and lp.rank <= top_logprobs
                     }
                     for position in (c.logprobs or [])
                 ]
-            answer, reasoning = split_reasoning(c.text)
+            answer, reasoning = (c.text, None) if raw else split_reasoning(c.text)
             completions.append(
                 Completion(
                     text=answer,
