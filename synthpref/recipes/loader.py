@@ -241,4 +241,10 @@ def _capability_hint(missing: list[str]) -> str:
             "transformers, vllm, or openai with a completions server and a 'tokenizer' (e.g. vllm serve), "
             "with task: generate (the default; a task: reward model only runs reward-model judges)"
         )
+    if "complete" in missing:
+        return (
+            "prompt synthesis from the chat template (magpie) needs a model that continues raw "
+            "text: embedded, transformers, vllm, or openai with a 'tokenizer' (a local copy of the "
+            "served model's) on a server with /v1/completions (e.g. vllm serve)"
+        )
     return "choose a backend that supports it"

@@ -397,6 +397,7 @@ def test_validate_refuses_a_model_without_raw_completion(tmp_path):
         synthpref.validate(recipe)
     [problem] = info.value.problems
     assert problem.startswith("stages[0] (magpie): model 'api' (backend openai) cannot complete")
+    assert "openai with a 'tokenizer'" in problem  # says which backends can
 
 
 def test_validate_accepts_magpie_first_on_seeds_and_binds_its_place(tmp_path):
