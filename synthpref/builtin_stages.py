@@ -6,5 +6,8 @@ from synthpref.judges import checklist, jury, pairwise, prometheus, rubric  # no
 from synthpref.judges import density_ratio as _density_ratio  # noqa: F401
 from synthpref.judges import followup as _followup  # noqa: F401
 from synthpref.judges import reward_model as _reward_model  # noqa: F401
-from synthpref.stages import generate, pairs  # noqa: F401
+from synthpref.stages import evol_instruct as _evol_instruct  # noqa: F401
+from synthpref.stages import generate, pairs, personas, user_turn  # noqa: F401
+from synthpref.stages import magpie as _magpie  # noqa: F401
 from synthpref.stages import router as _router  # noqa: F401
+from synthpref.stages import self_instruct as _self_instruct  # noqa: F401
