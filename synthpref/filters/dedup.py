@@ -21,8 +21,9 @@ parameters, both of which are part of the stage's checkpoint fingerprint. A resu
 processed in another run, therefore makes exactly the same decisions as an uninterrupted one. Place
 this stage first (before generation): it sees the input prompts, not what earlier filters kept.
 
-After a stage that writes prompts (``writes_prompts``: Magpie, Evol-Instruct, self-instruct,
-personas; a custom stage that rewrites prompts should set it too), the prompts do not exist before
+After a stage that creates prompts (``creates_prompts``: Magpie, Evol-Instruct, self-instruct,
+personas, a user turn; a custom stage that writes or rewrites prompts should set it too), the
+prompts do not exist before
 the run, so there is no pre-pass: the stage decides as shards arrive, in shard order, against a
 running index of the prompts it has *kept* so far (``carries_state``: the local executor hands it
 the shards strictly in order and, on a resume, replays the shards it finished earlier from its own
@@ -167,10 +168,10 @@ class _Index:
 _DUPLICATE_KINDS = ("exact_duplicate", "near_duplicate")
 
 
-def writes_prompts_before(previous: list[Stage]) -> bool:
+def creates_prompts_before(previous: list[Stage]) -> bool:
     """Whether some stage before this one writes (or rewrites) prompts, so that the prompts this
     stage sees do not exist before the run: the rule for deciding as shards arrive."""
-    return any(getattr(stage, "writes_prompts", False) for stage in previous)
+    return any(getattr(stage, "creates_prompts", False) for stage in previous)
 
 
 @register_stage
@@ -190,7 +191,7 @@ class Dedup(Stage):
 
     def bind(self, previous: list[Stage]) -> None:
         # after a prompt-writing stage: no pre-pass, a running index carried across shards
-        self.carries_state = writes_prompts_before(previous)
+        self.carries_state = creates_prompts_before(previous)
 
     def fingerprint(self) -> dict:
         # nothing for the pre-pass, so the fingerprints of recipes that dedup their input stay

@@ -85,9 +85,14 @@ class Stage(ABC):
     model_params: ClassVar[tuple[str, ...]] = ()
     """The parameters that name recipe models (one left None names none): what the default
     :meth:`models_used` returns, so a stage told its models by name needs no method of its own."""
-    #: whether this stage writes records' prompts (so it may come first on a ``source.seeds``
-    #: recipe, whose records start with none)
+    #: whether this stage writes records' prompts from nothing (so it may come first on a
+    #: ``source.seeds`` recipe, whose records start with none)
     writes_prompts: ClassVar[bool] = False
+    #: whether records leave this stage with prompts that did not exist before it (new or rewritten
+    #: prompts, a conversation grown by a turn): a de-duplication after it must look at them
+    creates_prompts: ClassVar[bool] = False
+    #: whether this stage adds candidate replies to the records' prompts (``generate``)
+    writes_candidates: ClassVar[bool] = False
     model_capability: ClassVar[Capability] = "generate"
     """What the default :meth:`requirements` asks of each of those models."""
 

@@ -194,6 +194,7 @@ class EvolInstruct(Stage):
 
     type_name = "evol_instruct"
     kind = "generator"
+    creates_prompts = True
     Params = EvolInstructParams
     params: EvolInstructParams
     model_params = ("model", "judge_model")

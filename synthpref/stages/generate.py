@@ -50,6 +50,7 @@ class Generate(Stage):
 
     type_name = "generate"
     kind = "generator"
+    writes_candidates = True
     Params = GenerateParams
     params: GenerateParams
 

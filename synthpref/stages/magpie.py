@@ -90,6 +90,7 @@ class Magpie(Stage):
     model_params = ("model",)
     model_capability = "complete"
     writes_prompts = True
+    creates_prompts = True
 
     def __init__(self, name: str, params: MagpieParams, ctx=None) -> None:
         super().__init__(name, params, ctx)

@@ -204,6 +204,7 @@ class PersonaPrompts(Stage):
     params: PersonaPromptsParams
     model_params = ("model",)
     writes_prompts = True
+    creates_prompts = True
 
     def __init__(self, name: str, params: PersonaPromptsParams, ctx=None) -> None:
         super().__init__(name, params, ctx)

@@ -259,6 +259,7 @@ class SelfInstruct(Stage):
     params: SelfInstructParams
     model_params = ("model",)
     writes_prompts = True
+    creates_prompts = True
     carries_state = True
 
     def __init__(self, name, params, ctx=None) -> None:

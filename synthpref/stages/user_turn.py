@@ -91,14 +91,13 @@ class UserTurnParams(StageParams):
 
 def _answers(stage: Stage) -> bool:
     """Whether a stage writes replies to the records' prompts (a generate stage or the like)."""
-    return (
-        stage.kind == "generator" and not stage.writes_prompts and not isinstance(stage, UserTurn)
-    )
+    return stage.writes_candidates
 
 
 def _resets(stage: Stage) -> bool:
-    """Whether after this stage the records hold no replies to continue."""
-    return stage.writes_prompts or isinstance(stage, UserTurn)
+    """Whether after this stage the records hold no replies to continue (new or rewritten prompts,
+    or a conversation this stage closed)."""
+    return stage.creates_prompts
 
 
 @register_stage
@@ -107,6 +106,7 @@ class UserTurn(Stage):
 
     type_name = "user_turn"
     kind = "generator"
+    creates_prompts = True  # the conversation grows by a turn
     Params = UserTurnParams
     params: UserTurnParams
     model_params = ("model",)

@@ -37,6 +37,7 @@ class Writer(Stage):
     type_name = "writer"
     kind = "generator"
     writes_prompts = True
+    creates_prompts = True
     Params = WriterParams
     params: WriterParams
 

@@ -76,6 +76,7 @@ class Writer(Stage):
     type_name = "writer"
     kind = "generator"
     writes_prompts = True
+    creates_prompts = True
     Params = WriterParams
     params: WriterParams
 
@@ -367,3 +368,22 @@ DECONTAMINATE_PLAN = {
     2: ["Describe the water cycle.", "How many legs does a spider have?"],
 }
 PLANS = {"default": PLAN, "chain": CHAIN_PLAN, "decontaminate": DECONTAMINATE_PLAN}
+
+
+def test_dedup_after_a_stage_that_rewrites_prompts_sees_the_new_prompts():
+    """evol_instruct rewrites prompts without being able to start from seeds (writes_prompts is
+    False), and user_turn grows conversations: a dedup after either must decide on what they made,
+    not on the source records (a pre-pass over the source would keep every rewritten prompt)."""
+    from synthpref.filters.dedup import Dedup, DedupParams
+    from synthpref.stages.evol_instruct import EvolInstruct
+    from synthpref.stages.generate import Generate
+    from synthpref.stages.user_turn import UserTurn
+
+    for before in (EvolInstruct, UserTurn):
+        assert before.creates_prompts and not before.writes_candidates
+        dedup = Dedup("dedup", DedupParams())
+        dedup.bind([object.__new__(Generate), object.__new__(before)])
+        assert dedup.carries_state, before.type_name
+    dedup = Dedup("dedup", DedupParams())
+    dedup.bind([object.__new__(Generate)])
+    assert not dedup.carries_state

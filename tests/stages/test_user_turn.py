@@ -225,6 +225,9 @@ def _problems(tmp_path: Path, stages: list[dict], **source) -> list[str]:
          "stages[5]: ", "'rating' comes before the generate stage"),
         ([PERSONA, GENERATE, PAIRWISE, {**USER, "continue_with": "best", "judge": "pw"}],
          "stages[3]: ", "compares pairs"),
+        # evol_instruct writes prompts, not replies: nothing to continue after it
+        ([PERSONA, GENERATE, {"type": "evol_instruct", "model": "m"}, USER],
+         "stages[3]: ", "comes after stage 'evol_instruct' (evol_instruct)"),
     ],
 )  # fmt: skip
 def test_misplaced_user_turns_are_refused_with_their_path(tmp_path, stages, where, text):
