@@ -14,7 +14,8 @@ The tree, and what each branch means to a caller:
 - :class:`ConfigError`: what the recipe (or a command's options) asks for cannot be done; fix the
   recipe and run again. ``recipes.loader.RecipeError`` (every problem of a recipe, by YAML path),
   ``stages.registry.UnknownStage`` (a stage type that cannot be found or loaded),
-  ``export.ExportError`` (an output format that is not registered).
+  ``export.ExportError`` (an output format that is not registered), ``stages.pre_query.PreQueryError``
+  (a model whose chat template has no user-turn start, for Magpie).
 - :class:`TemplateError`: a Jinja template or a file a recipe names. ``templates.RecipeFileNotFound``
   (in none of the places the path rule looks) and ``templates.MissingInclude`` (a template it extends
   or includes is not found), both also ``FileNotFoundError``; ``templates.InvalidTemplate`` (not

@@ -13,11 +13,13 @@ from typer.testing import CliRunner
 
 import synthpref
 from synthpref.backends.base import BackendError, RequestError
+from synthpref.backends.batch import BatchPending
+from synthpref.backends.cost import BudgetExceeded
 from synthpref.backends.embedded import EmbeddedModelMissing
 from synthpref.backends.segments import SegmentError
 from synthpref.checks import OutputDirError
 from synthpref.cli import app
-from synthpref.errors import ConfigError, DataError, SynthprefError, TemplateError
+from synthpref.errors import ConfigError, DataError, RunPaused, SynthprefError, TemplateError
 from synthpref.evaluation.data import read_pair_rows
 from synthpref.evaluation.run import EvalError
 from synthpref.executor.checkpoints import CheckpointError
@@ -31,6 +33,7 @@ from synthpref.judges.parsing import ParseError
 from synthpref.recipes.loader import RecipeError
 from synthpref.report.collect import ReportError
 from synthpref.sources import RowError, SourceError
+from synthpref.stages.pre_query import PreQueryError
 from synthpref.stages.registry import UnknownStage
 from synthpref.templates import (
     InvalidTemplate,
@@ -69,6 +72,9 @@ TREE = {
     RunError: (SynthprefError, RuntimeError),
     EvalError: (SynthprefError, ValueError),
     ParseError: (SynthprefError, ValueError),
+    PreQueryError: (ConfigError, ValueError),
+    BudgetExceeded: (RunPaused, Exception),
+    BatchPending: (RunPaused, Exception),
 }
 
 

@@ -27,6 +27,7 @@ provider has no ``n``), submit, poll, read the outcomes, and turn a request's an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -310,8 +311,19 @@ async def run_batch(
     # 3. submit what no job holds, in jobs within the provider's limits
     new_jobs = []
     for chunk in _chunks(to_submit, provider.max_lines, provider.max_bytes):
-        job = await provider.submit(chunk)
-        store.record(job, provider.name, identity, chunk)
+
+        async def submit(chunk: list[Line] = chunk) -> str:
+            job = await provider.submit(chunk)
+            store.record(job, provider.name, identity, chunk)
+            return job
+
+        # A stage may abandon this call (a sibling call raised BatchPending first) and the run may
+        # end: the submission goes on as its own task, shielded, and the executor waits for every
+        # such task (drain_submissions) before a pass ends, so an accepted job is always recorded.
+        task = asyncio.get_running_loop().create_task(submit())
+        _SUBMITTING.add(task)
+        task.add_done_callback(_SUBMITTING.discard)
+        job = await asyncio.shield(task)
         for line in chunk:
             submissions[line.key, line.sample] = submissions.get((line.key, line.sample), 0) + 1
         new_jobs.append(job)
@@ -339,6 +351,17 @@ async def run_batch(
             total=len(requests),
         )
     return results  # type: ignore[return-value]
+
+
+#: job submissions in flight (see run_batch): a pass ends only when none is
+_SUBMITTING: set[asyncio.Task] = set()
+
+
+async def drain_submissions() -> None:
+    """Wait until every batch job submission in flight has been answered and recorded (or has
+    failed); the executor calls it before it ends a pass or the run."""
+    while _SUBMITTING:
+        await asyncio.gather(*list(_SUBMITTING), return_exceptions=True)
 
 
 def _chunks(lines: Sequence[Line], max_lines: int, max_bytes: int) -> list[list[Line]]:

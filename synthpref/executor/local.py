@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from synthpref.backends.batch import BatchPending
+from synthpref.backends.batch import BatchPending, drain_submissions
 from synthpref.backends.cost import BudgetExceeded, CostMeter
 from synthpref.cache import RequestCache
 from synthpref.errors import RunPaused
@@ -226,6 +226,8 @@ class LocalExecutor(Executor):
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        finally:
+            await drain_submissions()  # a job the provider accepted is recorded before we go on
         return paused
 
 

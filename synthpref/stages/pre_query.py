@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from synthpref.errors import ConfigError
 from synthpref.records import Message
 
 #: the placeholder user content: letters, digits and underscores only, so templates that trim or
@@ -29,8 +30,9 @@ RULE_VERSION = 1
 Render = Callable[[Sequence[Message]], str]
 
 
-class PreQueryError(ValueError):
-    """The chat template has no recognisable start of a user turn (or drops the system message)."""
+class PreQueryError(ConfigError, ValueError):
+    """The chat template has no recognisable start of a user turn (or drops the system message):
+    the recipe's choice of model cannot do Magpie."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from synthpref.backends.types import Completion, GenerationRequest, GenerationResult
 from synthpref.records import Message, Record
@@ -349,7 +350,16 @@ def test_evol_recipe_end_to_end_on_the_embedded_model(tmp_path, embedded_dir):
 
     import synthpref
 
-    result = synthpref.run(ROOT / "recipes" / "evol.yaml", output=tmp_path / "run", progress=False)
+    # the shipped recipe, its evolution as shipped; shorter candidates (the suite's time budget)
+    recipe = yaml.safe_load((ROOT / "recipes" / "evol.yaml").read_text())
+    recipe["source"]["path"] = str(ROOT / "recipes" / recipe["source"]["path"])
+    for stage_ in recipe["stages"]:
+        if "eval_prompts" in stage_:
+            stage_["eval_prompts"] = [str(ROOT / "recipes" / p) for p in stage_["eval_prompts"]]
+        if stage_["type"] == "generate":
+            stage_["max_tokens"] = 32
+    recipe["output"]["dir"] = str(tmp_path / "run")
+    result = synthpref.run(recipe, progress=False)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     evol = next(s for s in summary["stages"] if s["name"] == "evol_instruct")
     assert evol["counters"]["input"] == 8

@@ -315,17 +315,16 @@ def _shipped(tmp_path: Path, seeds: int, run_dir: Path, reply_tokens: int) -> Pa
     return path
 
 
-@pytest.mark.slow
-def test_shipped_recipe_end_to_end(tmp_path):
-    run_dir = tmp_path / "run"
-    result = synthpref.run(_shipped(tmp_path, 4, run_dir, reply_tokens=48), progress=False)
-    prefs = pl.read_parquet(result.run_dir / "data" / "preference.parquet").to_dicts()
+def check_multiturn_output(tmp_path: Path, run_dir: Path) -> None:
+    """What the shipped recipe must make: two-turn conversations ending with the user, the
+    persona kept with each prompt."""
+    prefs = pl.read_parquet(run_dir / "data" / "preference.parquet").to_dicts()
     assert prefs, "no preference pairs came out"
     for row in prefs:
         assert [m["role"] for m in row["prompt"]] == ["user", "assistant", "user"], row["prompt"]
         assert all(m["content"].strip() for m in row["prompt"])
         assert [m["role"] for m in row["chosen"]] == ["assistant"]
-    records = {r["id"]: r for r in _rows(result.run_dir)}
+    records = {r["id"]: r for r in _rows(run_dir)}
     personas = {json.loads(line)["persona"] for line in (tmp_path / "data/personas.jsonl").open()}
     for row in prefs:
         meta = json.loads(records[row["prompt_id"]]["metadata"])
@@ -343,6 +342,7 @@ def test_shipped_recipe_resumed_after_kills_equals_an_uninterrupted_run(tmp_path
 
     reference = recipe("reference")
     assert run_child(reference, subprocess_env).returncode == 0
+    check_multiturn_output(tmp_path / "reference", reference.parent / "run")
     resumed = recipe("resumed")
     for kill in [
         KillPoint("call", "persona_prompts", shard=1, nth=1),  # mid-synthesis
