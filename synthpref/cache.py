@@ -81,7 +81,9 @@ class RequestCache:
     def spent(self) -> float:
         """Dollars this cache's calls have cost, over every run that wrote to it."""
         with self._lock:
-            return float(self._db.execute("SELECT COALESCE(SUM(dollars), 0) FROM spend").fetchone()[0])
+            return float(
+                self._db.execute("SELECT COALESCE(SUM(dollars), 0) FROM spend").fetchone()[0]
+            )
 
     def journal_counts(self) -> dict[str, int]:
         with self._lock:

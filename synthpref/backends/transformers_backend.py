@@ -181,6 +181,7 @@ class TransformersBackend(LocalModelBackend):
         """The local model's identity, tagged ``:eot`` where replies now stop at a chat template
         end-of-turn token that is not an EOS (``end_of_turn.identity_tag``)."""
         return super().identity + identity_tag(self.model_path)
+
     #: run a token prefix shared by several requests (score groups, a generation batch) once and reuse
     #: its KV cache (set False on an instance to compare, or if a model's cache cannot be copied)
     prefix_sharing: bool = True

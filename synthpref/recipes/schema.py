@@ -126,9 +126,7 @@ class Settings(_Strict):
         "with a higher cap resumes",
         json_schema_extra=VOLATILE,
     )
-    batch: BatchSettings = Field(
-        default_factory=BatchSettings, json_schema_extra=VOLATILE
-    )
+    batch: BatchSettings = Field(default_factory=BatchSettings, json_schema_extra=VOLATILE)
 
 
 class Recipe(_Strict):
