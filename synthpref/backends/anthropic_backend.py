@@ -594,22 +594,11 @@ class AnthropicBackend(Backend):
 
     # batch mode -------------------------------------------------------------------------------
 
-    async def generate_batch(
-        self,
-        requests: Sequence[GenerationRequest],
-        keys: Sequence[str],
-        cache: Any,
-        on_result: OnGenerated | None = None,
-    ) -> list[GenerationResult]:
-        """One pass of ``mode: batch`` over these requests (:mod:`synthpref.backends.batch`)."""
+    def batch_provider(self):
+        """The Message Batches API (``mode: batch``, :mod:`synthpref.backends.anthropic_batch`)."""
         from synthpref.backends.anthropic_batch import AnthropicBatches
-        from synthpref.backends.batch import run_batch
 
-        # lines submitted per (key, sample) by this backend object: bounds resubmissions per run
-        submissions = self.__dict__.setdefault("_batch_submissions", {})
-        return await run_batch(
-            AnthropicBatches(self), self.identity, requests, keys, cache, on_result, submissions
-        )
+        return AnthropicBatches(self)
 
     # plumbing ---------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from synthpref.backends.types import (
 from synthpref.errors import SynthprefError
 
 if TYPE_CHECKING:
+    from synthpref.backends.batch import BatchProvider
     from synthpref.cache import RequestCache
     from synthpref.records import Message
 
@@ -125,6 +126,10 @@ class Backend(ABC):
             "or vllm backend, or an openai spec with tokenizer: (a local copy of the served model's)"
         )
 
+    def batch_provider(self) -> BatchProvider | None:
+        """This backend's provider batch API, or None (the default: it has none)."""
+        return None
+
     async def generate_batch(
         self,
         requests: Sequence[GenerationRequest],
@@ -135,9 +140,18 @@ class Backend(ABC):
         """``generate`` through the provider's batch API (``mode: batch``): ``keys`` are the
         requests' cache keys, which name their lines in the jobs recorded in ``cache`` (see
         :mod:`synthpref.backends.batch`). Raises ``BatchPending`` while jobs are still running."""
-        raise CapabilityError(
-            f"{type(self).__name__} has no batch API; mode: batch works with the openai backend "
-            "(the OpenAI Batch API) and the anthropic backend (Message Batches)"
+        provider = self.batch_provider()
+        if provider is None:
+            raise CapabilityError(
+                f"{type(self).__name__} has no batch API; mode: batch works with the openai "
+                "backend (the OpenAI Batch API) and the anthropic backend (Message Batches)"
+            )
+        from synthpref.backends.batch import run_batch
+
+        # lines submitted per (key, sample) through this backend object: bounds resubmissions
+        submissions = self.__dict__.setdefault("_batch_submissions", {})
+        return await run_batch(
+            provider, self.identity, requests, keys, cache, on_result, submissions
         )
 
     def supports(self, capability: Capability) -> bool:

@@ -662,23 +662,12 @@ class OpenAIBackend(Backend):
 
     # batch mode -------------------------------------------------------------------------------
 
-    async def generate_batch(
-        self,
-        requests: Sequence[GenerationRequest],
-        keys: Sequence[str],
-        cache: Any,
-        on_result: OnGenerated | None = None,
-    ) -> list[GenerationResult]:
-        """One pass of ``mode: batch`` over these requests (:mod:`synthpref.backends.batch`)."""
-        from synthpref.backends.batch import run_batch
+    def batch_provider(self):
+        """The OpenAI Batch API (``mode: batch``, :mod:`synthpref.backends.openai_batch`)."""
+        self._not_a_reward_model("generate")
         from synthpref.backends.openai_batch import OpenAIBatches
 
-        self._not_a_reward_model("generate")
-        # lines submitted per (key, sample) by this backend object: bounds resubmissions per run
-        submissions = self.__dict__.setdefault("_batch_submissions", {})
-        return await run_batch(
-            OpenAIBatches(self), self.identity, requests, keys, cache, on_result, submissions
-        )
+        return OpenAIBatches(self)
 
     # scoring ----------------------------------------------------------------------------------
 
