@@ -96,7 +96,7 @@ from synthpref.backends.openai_backend import (
 )
 from synthpref.backends.pricing import Price, shipped_price
 from synthpref.backends.rate_limit import retry_after
-from synthpref.backends.specs import VOLATILE, ModelSpec, missing_api_key
+from synthpref.backends.specs import VOLATILE, ModelSpec, batch_mode_field, missing_api_key
 from synthpref.backends.types import Completion, GenerationRequest, GenerationResult, Usage
 from synthpref.backends.window import AIMDWindow, AsyncWindow, Signal
 
@@ -172,13 +172,7 @@ class AnthropicSpec(ModelSpec):
         "call, waiting as retry-after says, else exponentially, before the shard stops",
         json_schema_extra=VOLATILE,
     )
-    mode: Literal["online", "batch"] = Field(
-        "online",
-        description="batch: generation requests go to the provider's batch API as jobs (half the "
-        "price, results within 24 h); job ids are kept in the run's cache, so a killed run "
-        "resumes them (settings.batch says whether a run waits)",
-        json_schema_extra=VOLATILE,
-    )
+    mode: Literal["online", "batch"] = batch_mode_field()
     prefill: bool = Field(
         False,
         description="the model continues a final assistant message, so judges pre-fill their "

@@ -65,7 +65,7 @@ from synthpref.backends.base import (
 from synthpref.backends.pricing import Price, shipped_price
 from synthpref.backends.rate_limit import RateLimiter, retry_after
 from synthpref.backends.segments import SegmentError, render_segment
-from synthpref.backends.specs import VOLATILE, ModelSpec, missing_api_key
+from synthpref.backends.specs import VOLATILE, ModelSpec, batch_mode_field, missing_api_key
 from synthpref.backends.types import (
     Completion,
     CompletionRequest,
@@ -73,6 +73,7 @@ from synthpref.backends.types import (
     GenerationResult,
     RewardRequest,
     RewardResult,
+    SamplingParams,
     ScoreRequest,
     ScoreResult,
     Usage,
@@ -174,13 +175,7 @@ class OpenAISpec(ModelSpec):
         "tokens (by tokenizer: when set, else characters / 4) plus max_tokens times n; unset: none",
         json_schema_extra=VOLATILE,
     )
-    mode: Literal["online", "batch"] = Field(
-        "online",
-        description="batch: generation requests go to the provider's batch API as jobs (half the "
-        "price, results within 24 h); job ids are kept in the run's cache, so a killed run "
-        "resumes them (settings.batch says whether a run waits)",
-        json_schema_extra=VOLATILE,
-    )
+    mode: Literal["online", "batch"] = batch_mode_field()
     supports_n: bool | None = Field(
         None,
         description="whether the server accepts n > 1 in one request; unset: try, and if it answers "
@@ -556,21 +551,13 @@ class OpenAIBackend(Backend):
         return prompt + req.params.max_tokens * req.params.n
 
     def _chat_kwargs(self, req: GenerationRequest) -> dict[str, Any]:
-        p = req.params
         kwargs: dict[str, Any] = {
             "model": self.model,
             "messages": [m.model_dump() for m in req.messages],
-            "n": p.n,
-            "temperature": p.temperature,
-            "top_p": p.top_p,
             # max_completion_tokens, not the deprecated max_tokens: OpenAI's reasoning models reject
             # the latter, and vLLM accepts both.
-            "max_completion_tokens": p.max_tokens,
+            **sampling_kwargs(req.params, "max_completion_tokens"),
         }
-        if p.seed is not None:
-            kwargs["seed"] = p.seed
-        if p.stop:
-            kwargs["stop"] = list(p.stop)
         if req.top_logprobs:
             kwargs["logprobs"] = True
             kwargs["top_logprobs"] = req.top_logprobs
@@ -934,6 +921,22 @@ def _billed(usage: Any, completions: list[Completion]) -> Usage | None:
     return Usage(
         input_tokens=prompt - cached, cached_input_tokens=cached, output_tokens=int(output)
     )
+
+
+def sampling_kwargs(p: SamplingParams, max_tokens_key: str) -> dict[str, Any]:
+    """A request's sampling parameters as the chat and completions endpoints take them (the
+    length limit under ``max_tokens_key``); seed and stop only when set."""
+    kwargs: dict[str, Any] = {
+        "n": p.n,
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        max_tokens_key: p.max_tokens,
+    }
+    if p.seed is not None:
+        kwargs["seed"] = p.seed
+    if p.stop:
+        kwargs["stop"] = list(p.stop)
+    return kwargs
 
 
 #: request fields whose value is the input itself: a 4xx naming one (``param``) is about this request

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from synthpref.backends.base import BackendError, OnGenerated, RequestError
-from synthpref.backends.openai_backend import OpenAIBackend, _billed, _preview
+from synthpref.backends.openai_backend import OpenAIBackend, _billed, _preview, sampling_kwargs
 from synthpref.backends.types import Completion, CompletionRequest, GenerationResult
 
 if TYPE_CHECKING:
@@ -52,15 +52,8 @@ async def complete(
             kwargs: dict[str, Any] = {
                 "model": backend.model,
                 "prompt": ids[i],
-                "n": p.n,
-                "temperature": p.temperature,
-                "top_p": p.top_p,
-                "max_tokens": p.max_tokens,
+                **sampling_kwargs(p, "max_tokens"),
             }
-            if p.seed is not None:
-                kwargs["seed"] = p.seed
-            if p.stop:
-                kwargs["stop"] = list(p.stop)
             capped = backend.limiter.tokens_per_minute is not None
             resp = await backend._call(
                 i,

@@ -176,6 +176,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def batch_mode_field() -> Any:
+    """The ``mode`` field of specs whose backend has a provider batch API (``batch_provider``)."""
+    return Field(
+        "online",
+        description="batch: generation requests go to the provider's batch API as jobs (half the "
+        "price, results within 24 h); job ids are kept in the run's cache, so a killed run "
+        "resumes them (settings.batch says whether a run waits)",
+        json_schema_extra=VOLATILE,
+    )
+
+
 def missing_api_key(provider: str, env: str, base_url: str | None, without: str) -> str | None:
     """The one rule for hosted APIs: the provider's own endpoint (no ``base_url``) needs the key in
     ``env``; a ``base_url`` (``without`` says what it is for) may do without."""
