@@ -184,7 +184,8 @@ def estimate(
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Project a run's calls, tokens, dollars (online and batch) and time from a pilot of its first
-    prompts, run for real in the run directory (the full run reuses them from the cache)."""
+    prompts, run for real online in a scratch directory on the run directory's request cache (the
+    full run reuses those calls; its checkpoints and data are not touched)."""
     from synthpref.estimate import estimate as run_estimate
     from synthpref.estimate import render
 
