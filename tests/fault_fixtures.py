@@ -33,6 +33,10 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import pyarrow.parquet as pq
+from pydantic import Field
+
+from synthpref.records import Record
+from synthpref.stages.base import Stage, StageParams
 
 #: environment variable carrying a :class:`KillPoint` (JSON) into a child started through :func:`main`
 KILL_ENV = "SYNTHPREF_TEST_KILL_AT"
@@ -571,3 +575,23 @@ class FaultProxy:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+
+class CrashParams(StageParams):
+    flag: str = Field(description="while this file exists, a shard holding record `on` fails")
+    on: str = ""
+
+
+class Crash(Stage):
+    """A stage that fails (a simulated kill) on the shard holding record ``on`` while the file
+    ``flag`` exists; recipes name it ``tests.fault_fixtures:Crash``."""
+
+    type_name = "crash"
+    kind = "annotator"
+    Params = CrashParams
+    params: CrashParams
+
+    async def process(self, records: list[Record]) -> list[Record]:
+        if Path(self.params.flag).exists() and any(r.id == self.params.on for r in records):
+            raise RuntimeError("simulated crash")
+        return records

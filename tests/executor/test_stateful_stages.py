@@ -86,23 +86,6 @@ class Running(Stage):
         return records
 
 
-class CrashParams(StageParams):
-    flag: str = Field(description="while this file exists, the shard holding record `on` fails")
-    on: str = ""
-
-
-class Crash(Stage):
-    type_name = "crash"
-    kind = "annotator"
-    Params = CrashParams
-    params: CrashParams
-
-    async def process(self, records: list[Record]) -> list[Record]:
-        if Path(self.params.flag).exists() and any(r.id == self.params.on for r in records):
-            raise RuntimeError("simulated crash")
-        return records
-
-
 @pytest.fixture(autouse=True)
 def _events():
     EVENTS.clear()
@@ -114,7 +97,11 @@ def stages(tmp_path: Path, **writer) -> list[dict]:
     return [
         {"type": f"{HERE}:Writer", **writer},
         {"type": f"{HERE}:Running"},
-        {"type": f"{HERE}:Crash", "flag": str(tmp_path / "crash-flag"), "on": "seed-000004"},
+        {
+            "type": "tests.fault_fixtures:Crash",
+            "flag": str(tmp_path / "crash-flag"),
+            "on": "seed-000004",
+        },
     ]
 
 

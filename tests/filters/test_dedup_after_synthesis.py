@@ -101,25 +101,6 @@ class Writer(Stage):
         return out
 
 
-class CrashParams(StageParams):
-    flag: str = Field(description="while this file exists, a shard holding record `on` fails")
-    on: str = ""
-
-
-class Crash(Stage):
-    """Fails (a simulated kill) on the shard holding record ``on`` while ``flag`` exists."""
-
-    type_name = "crash"
-    kind = "annotator"
-    Params = CrashParams
-    params: CrashParams
-
-    async def process(self, records: list[Record]) -> list[Record]:
-        if Path(self.params.flag).exists() and any(r.id == self.params.on for r in records):
-            raise RuntimeError("simulated crash")
-        return records
-
-
 def recipe(run_dir: Path, stages: list[dict], seeds: int = SEEDS, **settings):
     raw = {
         "name": "dedup-after-synthesis",
@@ -142,7 +123,11 @@ def pipeline(tmp_path: Path, action: str = "drop", **writer) -> list[dict]:
     return [
         {"type": f"{HERE}:Writer", **writer},
         {"type": "dedup", "threshold": 0.7, "action": action},
-        {"type": f"{HERE}:Crash", "flag": str(tmp_path / "crash-flag"), "on": "seed-000004.w1"},
+        {
+            "type": "tests.fault_fixtures:Crash",
+            "flag": str(tmp_path / "crash-flag"),
+            "on": "seed-000004.w1",
+        },
     ]
 
 
@@ -180,7 +165,7 @@ def test_the_rule_follows_the_stages_before_dedup(tmp_path):
     plain = parse_recipe(
         {
             "source": {"path": "prompts.jsonl"},
-            "stages": [{"type": "dedup"}, {"type": f"{HERE}:Crash", "flag": "x"}],
+            "stages": [{"type": "dedup"}, {"type": "tests.fault_fixtures:Crash", "flag": "x"}],
             "output": {"dir": str(tmp_path / "b")},
         },
         base_dir=tmp_path,
@@ -290,7 +275,11 @@ def test_a_resumed_flagging_run_replays_only_the_kept_prompts(tmp_path, depth):
     spec = [
         {"type": f"{HERE}:Writer", "plan": "chain"},
         {"type": "dedup", "threshold": 0.76, "action": "flag"},
-        {"type": f"{HERE}:Crash", "flag": str(tmp_path / "crash-flag"), "on": "seed-000004.w0"},
+        {
+            "type": "tests.fault_fixtures:Crash",
+            "flag": str(tmp_path / "crash-flag"),
+            "on": "seed-000004.w0",
+        },
     ]
     fresh, fresh_stages = run(tmp_path / "fresh", spec, seeds=7, max_concurrent_shards=depth)
     expect = flags(fresh)
