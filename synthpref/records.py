@@ -25,6 +25,29 @@ class Message(BaseModel):
     content: str
 
 
+class Origin(BaseModel):
+    """How a constructed candidate was made from its ``parent`` (another candidate of the record).
+
+    Constructed pairs (an injected error, a checklist-guided refinement, a self-correction) differ
+    from sampled ones in how they were made, and a dataset's user needs to know which is which:
+    ``operation`` names the construction, ``prefer`` which side of the (parent, constructed) pair is
+    chosen, ``evidence`` what confirmed it (the verifier's or judge's verdicts before and after, the
+    error kind asked for), ``edit_tokens`` the size of the edit where it matters (RISE)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    operation: str
+    parent: str = Field(description="id of the candidate this one was made from")
+    prefer: Literal["parent", "self"] = Field(
+        description="parent: the parent is chosen, this one rejected (an injected error); self: "
+        "this one is chosen (a refinement that raised the score)"
+    )
+    stage: str = ""
+    edit_tokens: int | None = None
+    round: int = 1
+    evidence: dict[str, Any] = Field(default_factory=dict)
+
+
 class Candidate(BaseModel):
     """One response to a record's prompt."""
 
@@ -39,6 +62,9 @@ class Candidate(BaseModel):
     stage: str = ""
     reasoning: str | None = Field(
         None, description="a reasoning model's reasoning; ``text`` is the answer alone"
+    )
+    origin: Origin | None = Field(
+        None, description="how a constructed candidate was made; None for a model's sampled reply"
     )
 
 
@@ -113,6 +139,7 @@ _CANDIDATE = pa.struct(
         ("finish_reason", pa.string()),
         ("stage", pa.string()),
         ("reasoning", pa.string()),  # absent from checkpoints written before it: read as None
+        ("origin", pa.string()),  # JSON or null; absent from older checkpoints: read as None
     ]
 )
 _JUDGMENT = pa.struct(
@@ -176,6 +203,8 @@ def records_to_arrow(records: list[Record]) -> pa.Table:
             for item in row[part]:
                 for key in _JSON_FIELDS[part]:
                     item[key] = _dumps(item[key])
+        for item in row["candidates"]:
+            item["origin"] = None if item["origin"] is None else _dumps(item["origin"])
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
 
@@ -189,5 +218,8 @@ def records_from_arrow(table: pa.Table) -> list[Record]:
             for item in row[part]:
                 for key in _JSON_FIELDS[part]:
                     item[key] = json.loads(item[key])
+        for item in row["candidates"]:
+            if item.get("origin") is not None:
+                item["origin"] = json.loads(item["origin"])
         out.append(Record.model_validate(row))
     return out

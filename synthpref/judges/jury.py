@@ -17,6 +17,10 @@ Methods:
   -1 (lost), in [-1, 1].
 - ``borda``: each judge ranks the candidates; a candidate gets one point per candidate ranked below
   it (half a point per tie), summed over judges and divided by judges x (candidates - 1), in [0, 1].
+- ``lexicographic``: the judges in the order listed, each deciding only among candidates the ones
+  before it tie on (a verifier's correctness first, a rubric breaking ties among equally correct
+  answers); a candidate's score is the share of the other candidates it beats on the first judge
+  that separates them (half per full tie), in [0, 1]. ``min_judges`` still applies.
 
 Agreement: for every pair of candidates each judge implies a winner (A, B or tie); per pair of judges
 these labels are tallied as stage counters ``agreement:<judge1>|<judge2>:<label1><label2>``. Counters
@@ -44,8 +48,10 @@ class JuryParams(StageParams):
     judges: list[str] = Field(
         min_length=2, description="names of earlier judge stages whose verdicts are combined"
     )
-    method: Literal["mean", "vote", "borda"] = Field(
-        "mean", description="mean of normalised scores, pairwise majority vote, or Borda count"
+    method: Literal["mean", "vote", "borda", "lexicographic"] = Field(
+        "mean",
+        description="mean of normalised scores, pairwise majority vote, Borda count, or "
+        "lexicographic (judges in the order listed, each breaking the ties of those before it)",
     )
     ranges: dict[str, tuple[float, float]] = Field(
         default_factory=dict,
@@ -128,6 +134,9 @@ class Jury(Stage):
             combined = {c: sum(n[c] for n in normalised.values()) / len(normalised) for c in ids}
         elif self.params.method == "vote":
             combined = _copeland(ids, labels)
+        elif self.params.method == "lexicographic":
+            order = [name for name in self.params.judges if name in per_judge]
+            combined = _lexicographic(ids, [per_judge[name] for name in order])
         else:
             combined = _borda(ids, per_judge)
         details_common = {
@@ -187,6 +196,24 @@ def _copeland(ids: list[str], labels: dict[str, dict[tuple[str, str], int]]) -> 
         total[x] += outcome
         total[y] -= outcome
     return {c: total[c] / (len(ids) - 1) for c in ids}
+
+
+def _lexicographic(ids: list[str], ordered: list[dict[str, float]]) -> dict[str, float]:
+    """Per candidate, the share of others it beats on the first judge (in priority order) whose
+    scores for the two differ, half a point for a pair no judge separates."""
+    if len(ids) < 2:
+        return {c: 0.5 for c in ids}
+    points = {c: 0.0 for c in ids}
+    for x, y in itertools.combinations(ids, 2):
+        first = next((s for s in ordered if s[x] != s[y]), None)
+        if first is None:
+            points[x] += 0.5
+            points[y] += 0.5
+        elif first[x] > first[y]:
+            points[x] += 1.0
+        else:
+            points[y] += 1.0
+    return {c: points[c] / (len(ids) - 1) for c in ids}
 
 
 def _borda(ids: list[str], per_judge: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -6,6 +6,10 @@
   draw is seeded per prompt (``seed`` and the record id), so it does not depend on sharding or resume.
 - ``all_pairs``: every pair of candidates whose scores differ by more than zero and at least
   ``min_margin``, higher-scored one chosen; identical texts are skipped.
+- ``constructed``: one pair per constructed candidate (``Candidate.origin``, made by ``inject_errors``,
+  ``refine`` or ``self_correct``) and its parent, the side ``origin.prefer`` names chosen, when the
+  judge scored both and the chosen one strictly higher, by at least ``min_margin``. Sampled
+  candidates are not paired with each other: a constructed pair differs only by its construction.
 - ``listwise``: no pairs; the scored candidates ranked best first (identical texts kept once, at their
   best place) are stored as ``record.annotations["ranking"]`` = ``{judge, candidate_ids, scores}``, the
   input of the ``listwise`` dataset format. Pairs built by other pairs stages are left alone.
@@ -113,4 +117,42 @@ def listwise(stage: BuildPairs, record: Record, scores: dict[str, float]) -> str
     return "rankings"
 
 
-_RULES = {"best_random": best_random, "all_pairs": all_pairs, "listwise": listwise}
+def constructed(stage: BuildPairs, record: Record, scores: dict[str, float]) -> str:
+    made = 0
+    reasons: list[str] = []
+    for child in record.candidates:
+        origin = child.origin
+        if origin is None:
+            continue
+        if child.id not in scores or origin.parent not in scores:
+            reasons.append("skipped_constructed_unscored")
+            continue
+        chosen, rejected = (
+            (origin.parent, child.id) if origin.prefer == "parent" else (child.id, origin.parent)
+        )
+        gap = scores[chosen] - scores[rejected]
+        if gap <= 0:
+            reasons.append("skipped_constructed_not_better")
+        elif gap < stage.params.min_margin:
+            reasons.append("skipped_below_margin")
+        elif _same_text(record, chosen, rejected):
+            reasons.append("skipped_identical_texts")
+        else:
+            record.pairs.append(
+                _pair(stage, (chosen, scores[chosen]), (rejected, scores[rejected]))
+            )
+            made += 1
+    for reason in reasons:
+        stage.counters[f"constructed_{reason.removeprefix('skipped_')}"] += 1
+    if made:
+        stage.counters["pair_rows"] += made
+        return "pairs"
+    return reasons[0] if reasons else "skipped_no_constructed_candidates"
+
+
+_RULES = {
+    "best_random": best_random,
+    "all_pairs": all_pairs,
+    "listwise": listwise,
+    "constructed": constructed,
+}

@@ -57,10 +57,11 @@ class PairsParams(StageParams):
     judge: str | None = Field(
         None, description="the judge stage whose scores decide; default: the last judge"
     )
-    rule: Literal["best_worst", "best_random", "all_pairs", "listwise"] = Field(
+    rule: Literal["best_worst", "best_random", "all_pairs", "constructed", "listwise"] = Field(
         "best_worst",
         description="best_worst | best_random (UltraFeedback-binarized) | all_pairs (every pair above "
-        "min_margin) | listwise (a ranking in annotations['ranking']); see synthpref.stages.pair_rules",
+        "min_margin) | constructed (each constructed candidate with its parent) | listwise (a ranking "
+        "in annotations['ranking']); see synthpref.stages.pair_rules",
     )
     min_margin: float = Field(0.0, ge=0, description="skip pairs whose score gap is smaller")
     seed: int = Field(0, description="seed of best_random's draw of the rejected response")
