@@ -63,3 +63,33 @@ def test_reasoning_round_trips_and_old_checkpoints_without_it_load():
     [back] = records_from_arrow(old)
     assert [c.reasoning for c in back.candidates] == [None, None]
     assert [c.text for c in back.candidates] == ["4", "4"]
+
+
+def test_origin_round_trips_and_old_checkpoints_without_it_load():
+    from synthpref.records import Origin
+
+    origin = Origin(
+        operation="inject_error:off_by_one",
+        parent="c1",
+        prefer="parent",
+        stage="rise",
+        edit_tokens=2,
+        evidence={"kind": "off_by_one", "after": {"extracted": "5"}},
+    )
+    record = Record(
+        id="r",
+        prompt=[Message(role="user", content="2+2?")],
+        candidates=[
+            Candidate(id="c1", model="m", text="4"),
+            Candidate(id="c2", model="m", text="5", origin=origin),
+        ],
+    )
+    table = records_to_arrow([record])
+    [back] = records_from_arrow(table)
+    assert back == record
+    assert back.candidates[1].origin == origin
+    rows = table.to_pylist()
+    for c in rows[0]["candidates"]:
+        del c["origin"]
+    [old] = records_from_arrow(pa.Table.from_pylist(rows))
+    assert [c.origin for c in old.candidates] == [None, None]

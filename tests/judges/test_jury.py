@@ -175,3 +175,47 @@ def test_jury_recipe_on_the_embedded_model(tmp_path, embedded_dir):
     assert jury_summary.counters["judgments"] == 2
     pairs = next(s for s in result.stages if s.name == "pairs")
     assert sum(pairs.counters.values()) == 1
+
+
+def test_lexicographic_first_judge_decides_later_ones_break_ties():
+    # tick (first) scores a=1, b=0, c=.5: all differ, so rating never decides
+    _, out = jury("lexicographic", judges=("tick", "rating"))
+    assert [out[c].score for c in ("r:c0", "r:c1", "r:c2")] == [1.0, 0.0, 0.5]
+
+
+def test_lexicographic_ties_on_the_first_judge_go_to_the_second():
+    rec = make_record("r", "q", ["x", "y", "z"])
+    a, b, c = (cand.id for cand in rec.candidates)
+    rec.judgments = [
+        Judgment(judge="tick", candidate_ids=[a], score=1.0),  # correct
+        Judgment(judge="tick", candidate_ids=[b], score=1.0),  # correct
+        Judgment(judge="tick", candidate_ids=[c], score=0.0),  # wrong, but rated best
+        Judgment(judge="rating", candidate_ids=[a], score=1.0),
+        Judgment(judge="rating", candidate_ids=[b], score=4.0),
+        Judgment(judge="rating", candidate_ids=[c], score=5.0),
+    ]
+    stage = Jury("jury", JuryParams(judges=["tick", "rating"], method="lexicographic"))
+    stage.bind([_Judge("tick", (0.0, 1.0)), _Judge("rating", (1.0, 5.0))])
+    (rec,) = asyncio.run(stage.process([rec]))
+    out = {j.candidate_ids[0]: j.score for j in rec.judgments if j.judge == "jury"}
+    # by hand: b beats a (tie on tick, 4 > 1) and c (1 > 0); a beats c; c beats nobody
+    assert out == {a: 0.5, b: 1.0, c: 0.0}
+    # the mean cannot tell the correct answer a from the wrong c: (1 + 0) / 2 vs (0 + 1) / 2
+    mean = Jury("jury", JuryParams(judges=["tick", "rating"]))
+    mean.bind([_Judge("tick", (0.0, 1.0)), _Judge("rating", (1.0, 5.0))])
+    rec.judgments = [j for j in rec.judgments if j.judge != "jury"]
+    (rec,) = asyncio.run(mean.process([rec]))
+    by_mean = {j.candidate_ids[0]: j.score for j in rec.judgments if j.judge == "jury"}
+    assert by_mean[c] == by_mean[a] == 0.5
+
+
+def test_lexicographic_full_tie_shares_half_a_point():
+    rec = make_record("r", "q", ["x", "y"])
+    a, b = (cand.id for cand in rec.candidates)
+    rec.judgments = [
+        Judgment(judge=j, candidate_ids=[cid], score=1.0) for j in ("tick", "rating") for cid in (a, b)
+    ]
+    stage = Jury("jury", JuryParams(judges=["tick", "rating"], method="lexicographic"))
+    stage.bind([_Judge("tick", (0.0, 1.0)), _Judge("rating", (1.0, 5.0))])
+    (rec,) = asyncio.run(stage.process([rec]))
+    assert {j.score for j in rec.judgments if j.judge == "jury"} == {0.5}
