@@ -1,7 +1,9 @@
 """TRL's conversational preference format: ``prompt``, ``chosen``, ``rejected`` as message lists.
 
 Scores, margin and provenance ride along as extra columns; TRL's DPO and reward trainers ignore
-columns they do not use.
+columns they do not use. A constructed pair (one side made from the other: an injected error, a
+refinement, a self-correction; see :mod:`synthpref.stages.constructed`) says how in
+``construction`` (the operation) and ``edit_tokens``; both are null for pairs of sampled replies.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import pyarrow as pa
 
 from synthpref.export import register_format
 from synthpref.export.messages import MESSAGES
-from synthpref.records import Record
+from synthpref.records import Pair, Record
 
 PREFERENCE_SCHEMA = pa.schema(
     [
@@ -25,8 +27,19 @@ PREFERENCE_SCHEMA = pa.schema(
         ("rejected_model", pa.string()),
         ("judge", pa.string()),
         ("rule", pa.string()),
+        ("construction", pa.string()),
+        ("edit_tokens", pa.int64()),
     ]
 )
+
+
+def construction(record: Record, pair: Pair) -> dict[str, str | int | None]:
+    """How the pair was constructed (the ``origin`` of whichever side was made from the other)."""
+    for cid in (pair.chosen_id, pair.rejected_id):
+        origin = record.candidate(cid).origin
+        if origin is not None:
+            return {"construction": origin.operation, "edit_tokens": origin.edit_tokens}
+    return {"construction": None, "edit_tokens": None}
 
 
 @register_format(
@@ -51,4 +64,5 @@ def preference_rows(record: Record):
             "rejected_model": rejected.model,
             "judge": pair.judge,
             "rule": pair.rule,
+            **construction(record, pair),
         }

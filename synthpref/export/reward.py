@@ -4,7 +4,8 @@
 ``margin`` is the judge's score gap, which ``RewardTrainer`` subtracts inside its loss
 (``-logsigmoid(r_chosen - r_rejected - margin)``, as in Llama 2's reward model) when the column is
 present. The margin is in the judge's units (rubric points, or preference in [-1, 1] for pairwise
-judges); rescale it in your training script if the judge's scale is large.
+judges); rescale it in your training script if the judge's scale is large. ``construction`` and
+``edit_tokens`` say how a constructed pair was made (null for sampled pairs), as in ``preference``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pyarrow as pa
 
 from synthpref.export import register_format
 from synthpref.export.messages import MESSAGES
+from synthpref.export.preference import construction
 from synthpref.records import Record
 
 REWARD_SCHEMA = pa.schema(
@@ -25,6 +27,8 @@ REWARD_SCHEMA = pa.schema(
         ("score_rejected", pa.float64()),
         ("judge", pa.string()),
         ("rule", pa.string()),
+        ("construction", pa.string()),
+        ("edit_tokens", pa.int64()),
     ]
 )
 
@@ -52,4 +56,5 @@ def reward_rows(record: Record):
             "score_rejected": pair.rejected_score,
             "judge": pair.judge,
             "rule": pair.rule,
+            **construction(record, pair),
         }
