@@ -196,3 +196,31 @@ def test_shared_prefix_sampling_is_reproducible(backend):
     assert all(len(r.completions) == 2 for r in first)
     texts = [c.text for r in first for c in r.completions]
     assert len(set(texts)) > 1
+
+
+def test_generation_and_scoring_with_a_shared_prefix_raise_no_deprecation_warning(backend, caplog):
+    """The shared-prefix KV cache is handed to ``generate`` and to the forward pass as a Cache
+    object: transformers' deprecation of other forms of ``past_key_values`` (a FutureWarning or a
+    logged warning) must not reach users on every run."""
+    import logging
+    import warnings
+
+    system = Message(role="system", content="You are a careful assistant. " * 6)
+    gen = [
+        GenerationRequest(
+            messages=[system, Message(role="user", content=q)],
+            params=SamplingParams(n=2, temperature=0.8, max_tokens=4, seed=1),
+        )
+        for q in ("Name a colour.", "Name a fruit.")
+    ]
+    score = [
+        ScoreRequest(messages=[system, *_conv(a)], segment=2)
+        for a in ("Paris is the capital.", "It is Paris, of course.")
+    ]
+    caplog.set_level(logging.WARNING, logger="transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        asyncio.run(backend.generate(gen))
+        asyncio.run(backend.score(score))
+    assert not [r for r in caplog.records if "past_key_values" in r.getMessage()]
