@@ -6,6 +6,7 @@ from synthpref.judges import checklist, jury, pairwise, prometheus, rubric  # no
 from synthpref.judges import density_ratio as _density_ratio  # noqa: F401
 from synthpref.judges import followup as _followup  # noqa: F401
 from synthpref.judges import code_verifier as _code_verifier  # noqa: F401
+from synthpref.judges import ifeval_verifier as _ifeval_verifier  # noqa: F401
 from synthpref.judges import math_verifier as _math_verifier  # noqa: F401
 from synthpref.judges import reward_model as _reward_model  # noqa: F401
 from synthpref.stages import evol_instruct as _evol_instruct  # noqa: F401
