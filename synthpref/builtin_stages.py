@@ -12,6 +12,8 @@ from synthpref.judges import reward_model as _reward_model  # noqa: F401
 from synthpref.stages import evol_instruct as _evol_instruct  # noqa: F401
 from synthpref.stages import generate, pairs, personas, user_turn  # noqa: F401
 from synthpref.stages import inject_errors as _inject_errors  # noqa: F401
+from synthpref.stages import refine as _refine  # noqa: F401
+from synthpref.stages import self_correct as _self_correct  # noqa: F401
 from synthpref.stages import magpie as _magpie  # noqa: F401
 from synthpref.stages import router as _router  # noqa: F401
 from synthpref.stages import self_instruct as _self_instruct  # noqa: F401

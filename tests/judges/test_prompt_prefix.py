@@ -350,9 +350,9 @@ def test_a_record_without_its_reference_still_shares_rubric_and_reply_form():
     assert "[End of score rubric]" in prefix and "Score: <an integer from 1 to 5>" in prefix
 
 
-#: templates of prompt-writing stages (issue 16): one request per record that rewrites or answers
+#: templates of prompt-writing and constructing stages: one request per record that rewrites or answers
 #: from that record's own text, so there is no judge rubric shared across records to measure here
-SYNTHESIS_FOLDERS = ("evol/", "self_instruct/", "personas/", "user_turn/")
+SYNTHESIS_FOLDERS = ("evol/", "self_instruct/", "personas/", "user_turn/", "constructed/")
 
 
 def test_every_shipped_template_is_covered():
