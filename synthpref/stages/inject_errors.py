@@ -13,8 +13,8 @@ at the error, which is the signal RISE trains on. The edit counts only when it i
 - the edit is small: at most ``max_edit_tokens`` whole-token insertions, deletions or substitutions
   (:func:`~synthpref.stages.constructed.token_edit_distance`).
 
-An edit that fails is discarded, its text left out of the record, and counted by reason
-(``discarded:<reason>``): ``truncated`` (the editing model was cut at ``max_tokens``), ``empty``,
+An edit that fails is dropped, its text left out of the record, and counted by reason
+(``dropped:<reason>``): ``truncated`` (the editing model was cut at ``max_tokens``), ``empty``,
 ``unchanged`` (no token differs), ``duplicate`` (the same text as an earlier edit of the
 same response), ``too_large``, ``verifier_failed`` (the verifier could not check
 it) and ``still_correct``. The error kind of each edit is a pure function of the stage ``seed``,
@@ -57,7 +57,7 @@ ERROR_KINDS: dict[str, str] = {
 #: bump when :func:`clean_reply` changes: the kept texts change with it
 REPLY_RULE = 1
 
-#: every reason an edit is discarded for, each counted as ``discarded:<reason>``
+#: every reason an edit is dropped for, each counted as ``dropped:<reason>``
 DISCARD_REASONS = (
     "truncated",
     "empty",
@@ -99,7 +99,7 @@ class InjectErrorsParams(StageParams):
         12,
         ge=1,
         description="largest edit kept, in whole tokens inserted, deleted or substituted (words, "
-        "numbers, punctuation marks); larger ones are discarded (discarded:too_large)",
+        "numbers, punctuation marks); larger ones are dropped (dropped:too_large)",
     )
     allow_truncated: bool = Field(
         False,
@@ -118,7 +118,7 @@ class InjectErrorsParams(StageParams):
         ge=1,
         le=MAX_TOKENS,
         description="longest edited response, in tokens: above the longest response edited (an "
-        "edit cut here is discarded: discarded:truncated)",
+        "edit cut here is dropped: dropped:truncated)",
     )
     seed: int = Field(0, description="seed of the kind drawn and of the sampling of each edit")
 
@@ -276,7 +276,7 @@ class InjectErrors(JudgedConstruction):
         return edits, requests
 
     def _discard(self, reason: str) -> None:
-        self.counters[f"discarded:{reason}"] += 1
+        self.counters[f"dropped:{reason}"] += 1
 
     def _text_problem(self, edit: _Edit, result: GenerationResult) -> str | None:
         completion = result.completions[0]

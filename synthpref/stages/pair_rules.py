@@ -143,7 +143,7 @@ def constructed(stage: BuildPairs, record: Record, scores: dict[str, float]) -> 
             )
             made += 1
     for reason in reasons:
-        stage.counters[f"constructed_{reason.removeprefix('skipped_')}"] += 1
+        stage.counters[reason.removeprefix("skipped_")] += 1
     if made:
         stage.counters["pair_rows"] += made
         return "pairs"

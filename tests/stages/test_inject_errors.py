@@ -249,8 +249,8 @@ def test_each_failed_edit_is_discarded_counted_by_reason_and_left_out_of_the_rec
     assert s.counters["edits_requested"] == 7 and s.counters["edits_kept"] == 1
     for reason in DISCARD_BY_QUESTION:
         if reason != "kept_at_max":
-            assert s.counters[f"discarded:{reason}"] == 1, reason
-    discarded = sum(s.counters[f"discarded:{r}"] for r in DISCARD_REASONS)
+            assert s.counters[f"dropped:{reason}"] == 1, reason
+    discarded = sum(s.counters[f"dropped:{r}"] for r in DISCARD_REASONS)
     assert discarded + s.counters["edits_kept"] == s.counters["edits_requested"]
     # the verifier checked only the edits that passed the text checks
     assert s.counters["judge_judgments"] == 3 and s.counters["judge_failed"] == 1
@@ -260,7 +260,7 @@ def test_two_edits_of_one_response_with_the_same_text_keep_one():
     s = stage(Editor(seven_to_eight), per_candidate=3)
     (r,) = run(s, verified(record("r1", "7", "So 3 + 4 = 7.")))
     assert [c.id for c in made(r)] == ["inject:gen:a:0:0"]
-    assert s.counters["discarded:duplicate"] == 2 and s.counters["edits_requested"] == 3
+    assert s.counters["dropped:duplicate"] == 2 and s.counters["edits_requested"] == 3
 
 
 # which responses are edited ----------------------------------------------------------------------
@@ -588,7 +588,7 @@ def test_math_verified_recipe_end_to_end_on_the_embedded_model(tmp_path, embedde
 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     counters = next(s for s in summary["stages"] if s["name"] == "inject_errors")["counters"]
-    discarded = sum(counters.get(f"discarded:{r}", 0) for r in DISCARD_REASONS)
+    discarded = sum(counters.get(f"dropped:{r}", 0) for r in DISCARD_REASONS)
     assert counters.get("edits_kept", 0) == kept
     assert counters.get("edits_requested", 0) == kept + discarded
     correct = sum(1 for row in records_ if any(j["score"] == 1.0 for j in row["judgments"]))
