@@ -133,15 +133,24 @@ class JudgedConstruction(Stage):
 
     async def rejudge(self, record, candidates: list[Candidate]):
         """The named judge's judgments of ``candidates`` as answers to ``record``'s prompt."""
-        if not candidates:
-            return []
-        proto = self.judge
-        judge = type(proto)(proto.name, proto.params, self.ctx)
-        judge.base_dir = proto.base_dir
-        temp = record.model_copy(
-            update={"candidates": list(candidates), "judgments": []}, deep=True
-        )
-        await judge.process([temp])
-        for key, value in judge.counters.items():
-            self.counters[f"judge_{key}"] += value
-        return temp.judgments
+        return (await self.rejudge_all([(record, candidates)]))[0]
+
+    async def rejudge_all(self, groups) -> list:
+        """For each ``(record, candidates)``, in order, the named judge's judgments of those
+        candidates (none for a group without candidates).
+
+        One instance of the judge judges every group in one ``process`` call, as it would a shard,
+        so a local backend batches the whole shard's new texts together."""
+        temps = [
+            record.model_copy(update={"candidates": list(cands), "judgments": []}, deep=True)
+            for record, cands in groups
+        ]
+        todo = [t for t in temps if t.candidates]
+        if todo:
+            proto = self.judge
+            judge = type(proto)(proto.name, proto.params, self.ctx)
+            judge.base_dir = proto.base_dir
+            await judge.process(todo)
+            for key, value in judge.counters.items():
+                self.counters[f"judge_{key}"] += value
+        return [t.judgments for t in temps]

@@ -24,7 +24,6 @@ exactly the same requests.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import random
@@ -329,8 +328,7 @@ class InjectErrors(JudgedConstruction):
         }
         return ok[-1]
 
-    async def _verify(self, record: Record, edits: list[_Edit]) -> None:
-        judgments = await self.rejudge(record, [e.candidate for e in edits])  # type: ignore[misc]
+    def _keep_confirmed(self, record: Record, edits: list[_Edit], judgments) -> None:
         for edit in edits:
             assert edit.candidate is not None
             own = [j for j in judgments if j.candidate_ids == [edit.candidate.id]]
@@ -359,5 +357,10 @@ class InjectErrors(JudgedConstruction):
                 self._discard(reason)
             else:
                 by_record.setdefault(id(edit.record), []).append(edit)
-        await asyncio.gather(*(self._verify(es[0].record, es) for es in by_record.values()))
+        groups = list(by_record.values())
+        judged = await self.rejudge_all(
+            [(es[0].record, [e.candidate for e in es]) for es in groups]  # type: ignore[misc]
+        )
+        for es, judgments in zip(groups, judged, strict=True):
+            self._keep_confirmed(es[0].record, es, judgments)
         return records

@@ -22,7 +22,6 @@ revision of it would pair with nothing), unless ``allow_truncated`` is set, as i
 
 from __future__ import annotations
 
-import asyncio
 import re
 from dataclasses import dataclass
 
@@ -216,13 +215,12 @@ class RevisionStage(JudgedConstruction):
         return out
 
     async def judge_new(self, drafts: list[tuple[Record, Candidate]]) -> list[Judgment | None]:
-        """The judge's judgment of each new candidate, in order (None where it wrote none). A
-        record's candidates are judged in one call; records concurrently (a local backend's device
-        lock runs them one after another)."""
+        """The judge's judgment of each new candidate, in order (None where it wrote none); the
+        whole shard's new candidates are judged in one call."""
         groups: dict[str, tuple[Record, list[Candidate]]] = {}
         for record, candidate in drafts:
             groups.setdefault(record.id, (record, []))[1].append(candidate)
-        judged = await asyncio.gather(*(self.rejudge(r, cands) for r, cands in groups.values()))
+        judged = await self.rejudge_all(list(groups.values()))
         found = {
             (rid, j.candidate_ids[0]): j
             for rid, judgments in zip(groups, judged, strict=True)

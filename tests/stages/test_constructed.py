@@ -166,3 +166,31 @@ def test_preference_and_reward_rows_say_how_a_pair_was_constructed():
             ("inject_error:sign", 1),
             (None, None),
         ]
+
+
+def test_rejudge_all_judges_a_whole_shard_in_one_call():
+    calls = []
+
+    class Counting(ContainsAnswer):
+        async def process(self, records):
+            calls.append([r.id for r in records])
+            return await super().process(records)
+
+    stage = Exclaim("edit", Exclaim.Params(judge="v"))
+    stage.bind([Counting("v", VerifierParams(workers=1))])
+    recs = [
+        Record(id=i, prompt=[Message(role="user", content="q")], metadata={"answer": "4"})
+        for i in ("r1", "r2")
+    ]
+    groups = [
+        (recs[0], [Candidate(id="a", model="m", text="4"), Candidate(id="b", model="m", text="5")]),
+        (recs[1], []),  # nothing new: not judged
+        (recs[1], [Candidate(id="c", model="m", text="it is 4")]),
+    ]
+    judged = asyncio.run(stage.rejudge_all(groups))
+    assert calls == [["r1", "r2"]]
+    assert [[(j.candidate_ids[0], j.score) for j in js] for js in judged] == [
+        [("a", 1.0), ("b", 0.0)],
+        [],
+        [("c", 1.0)],
+    ]
