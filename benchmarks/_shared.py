@@ -65,3 +65,219 @@ def vllm_cpu_defaults(kvcache_gib: int) -> None:
         "VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib),
     }.items():
         os.environ.setdefault(key, value)
+
+
+# --- one real `vllm serve` and its own counters (vs_peers_server.py, server_limit.py) ------------
+
+#: the server's Prometheus counters that say how much work it did, summed over their label sets
+SERVER_COUNTERS = (
+    "vllm:request_success_total",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+)
+
+
+def bench_prompts(n: int) -> list[str]:
+    """``n`` distinct prompts, the same on every run: each string ``prompt`` of this repository's
+    ``recipes/data/*.jsonl`` files (by file name, then line; duplicates once), cycled with a
+    `` (variant k)`` suffix from the second round on."""
+    data = Path(__file__).resolve().parent.parent / "recipes" / "data"
+    pool: list[str] = []
+    for path in sorted(data.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            prompt = json.loads(line).get("prompt") if line.strip() else None
+            if isinstance(prompt, str) and prompt not in pool:
+                pool.append(prompt)
+    return [
+        pool[i % len(pool)] + (f" (variant {i // len(pool)})" if i >= len(pool) else "")
+        for i in range(n)
+    ]
+
+
+def serve_command() -> list[str]:
+    """``vllm serve``, or the OpenAI server module where vllm-cpu 0.32's CLI dies looking up the
+    version of a distribution named ``vllm`` (docs/vllm.md); both take the model as ``--model``."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@contextlib.contextmanager
+def vllm_server(
+    model_dir: str,
+    name: str,
+    *,
+    kvcache_gib: int = 2,
+    max_model_len: int = 2048,
+    startup_timeout: float = 900.0,
+):
+    """One ``vllm serve`` of ``model_dir`` as ``name`` on a free loopback port (float32, eager, as
+    tests/vllm_fixtures.py starts it), until the block ends; yields ``(base_url, log_path)`` with
+    ``base_url`` ending in ``/v1``. vLLM-cpu's settings come from :func:`vllm_cpu_defaults`'s
+    values where the environment leaves them unset."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    env = {
+        "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib),
+        "VLLM_SERVER_DEV_MODE": "1",  # for POST /reset_prefix_cache between measurements
+        **os.environ,
+    }
+    cmd = [
+        *serve_command(),
+        "--model",
+        model_dir,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        name,
+        "--max-model-len",
+        str(max_model_len),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--seed",
+        "0",
+    ]
+    log_path = Path(tempfile.mkdtemp(prefix="bench-vllm-")) / "serve.log"
+    root = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        # a session of its own: the server and its engine processes are stopped together
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(
+                    f"vllm serve exited with {proc.returncode} before it was healthy; "
+                    f"log {log_path}:\n{log_tail(log_path)}"
+                )
+            try:
+                with urllib.request.urlopen(f"{root}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(
+                    f"vllm serve not healthy in time; log {log_path}:\n{log_tail(log_path)}"
+                )
+            time.sleep(1)
+        yield f"{root}/v1", log_path
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def parse_counters(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> ``{name: value summed over label sets}`` for every counter
+    sample (``*_total``), plus ``name{finished_reason=...}`` (how vLLM's requests ended) and
+    ``name{handler=...,status=...}`` (HTTP requests by endpoint: ``n=2`` in one request is one HTTP
+    request but two of vLLM's requests) breakdowns."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        name, _, label_text = series.partition("{")
+        if not name.endswith("_total"):
+            continue
+        labels = dict(
+            (key, val.strip('"'))
+            for key, _, val in (p.partition("=") for p in label_text.rstrip("}").split(",") if p)
+        )
+        keys = [name]
+        if "finished_reason" in labels:
+            keys.append(f"{name}{{finished_reason={labels['finished_reason']}}}")
+        if "handler" in labels:
+            keys.append(f"{name}{{handler={labels['handler']},status={labels.get('status', '')}}}")
+        for key in keys:
+            out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def server_counters(base_url: str) -> dict[str, float]:
+    """The server's counters now, from ``/metrics`` beside ``base_url``'s ``/v1``; a missing one of
+    :data:`SERVER_COUNTERS` is an error naming it (another vLLM version may have renamed it)."""
+    import urllib.request
+
+    root = base_url.rstrip("/").removesuffix("/v1")
+    with urllib.request.urlopen(f"{root}/metrics", timeout=30) as r:
+        counters = parse_counters(r.read().decode())
+    missing = [name for name in SERVER_COUNTERS if name not in counters]
+    if missing:
+        raise SystemExit(f"{root}/metrics has no {', '.join(missing)}: not a vLLM server?")
+    return counters
+
+
+def counters_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
+
+
+def reset_prefix_cache(base_url: str) -> bool:
+    """Empty the server's prefix cache, so no side reuses the prompts another side sent; False
+    where the server does not offer it (``vllm serve`` without VLLM_SERVER_DEV_MODE=1)."""
+    import urllib.error
+    import urllib.request
+
+    root = base_url.rstrip("/").removesuffix("/v1")
+    req = urllib.request.Request(f"{root}/reset_prefix_cache", method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def warm_up(base_url: str, model: str, prompts: list[str], max_tokens: int) -> None:
+    """The job's generation requests once, all at once, before any side is measured: a fresh
+    vLLM-cpu server is several times slower on its first batches of each size, which would
+    otherwise be charged to whichever side comes first."""
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(prompt: str) -> None:
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "n": 2,
+        }
+        req = urllib.request.Request(
+            f"{base_url}/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=1800) as r:
+            r.read()
+
+    with ThreadPoolExecutor(max_workers=min(len(prompts), 256) or 1) as pool:
+        list(pool.map(ask, prompts))
