@@ -10,6 +10,20 @@ builds up); then the ratios against the smallest size. Target: peak RSS at 10,00
 prompts within ~10% of that at 1,000.
 
     SYNTHPREF_CACHE=/tmp/spc python benchmarks/memory.py --sizes 1000 10000
+
+``--source-rows N ...`` measures the source-size axis instead: how the size of the *input* moves
+peak RSS when the source is streamed (``sources.py``, ``executor/common.py``). Each size gets a
+JSONL of N rows and a whole run over every row through a prompt filter that needs no model
+(``decontaminate`` against three evaluation prompts: it reads every prompt and keeps nothing per
+prompt), so the source is read end to end twice (planning, then the shards) and checkpointed shard
+by shard. A warm-up run on two shards comes before the baseline, so imports, one-time allocations
+and a shard in flight are not counted as growth. What still grows with N, by design, is the
+planning read's duplicate-id index (about 25 bytes per row) and a 16-byte digest per shard. Target:
+peak RSS up to the export at the largest size within 10% of that at the smallest. The whole run's
+peak is printed too: the export of ``records.parquet`` writes a row group per shard and pyarrow
+holds every row group's metadata until the file closes, so it grows with the number of shards.
+
+    python benchmarks/memory.py --source-rows 10000 100000 1000000
 """
 
 from __future__ import annotations
@@ -32,12 +46,13 @@ WORDS = (
 ).split()
 
 
+def synthetic_prompt(i: int) -> str:
+    words = " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(12))
+    return f"Prompt {i}: reply with one word that fits these: {words}."
+
+
 def synthetic_prompts(n: int) -> list[str]:
-    out = []
-    for i in range(n):
-        words = " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(12))
-        out.append(f"Prompt {i}: reply with one word that fits these: {words}.")
-    return out
+    return [synthetic_prompt(i) for i in range(n)]
 
 
 def rss_now_kib() -> int:
@@ -111,8 +126,96 @@ def job(cfg: dict, out_path: str) -> None:
     Path(out_path).write_text(json.dumps(out))
 
 
+def source_job(cfg: dict, out_path: str) -> None:
+    """One source size, in its own process (called through --_source_job). Records the peak RSS
+    when the export begins too: up to there is reading, planning and the shards; the export of
+    ``records.parquet`` after it holds per-row-group metadata, one row group per shard."""
+    from synthpref.executor import common
+    from synthpref.executor.local import LocalExecutor
+    from synthpref.recipes.loader import parse_recipe
+
+    export_all = common.export_all
+    before_export: list[int] = []
+
+    def measured_export(*args, **kwargs):
+        before_export.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        return export_all(*args, **kwargs)
+
+    common.export_all = measured_export
+
+    with tempfile.TemporaryDirectory() as tmp:
+        evals = Path(tmp) / "eval.txt"
+        evals.write_text("What is the capital of France?\nName three prime numbers.\nSpell cat.\n")
+
+        def run(rows: int, name: str):
+            data = Path(tmp) / f"{name}.jsonl"
+            with data.open("w") as fh:  # written a line at a time: no list of N prompts
+                for k in range(rows):
+                    fh.write(json.dumps({"id": f"p{k}", "prompt": synthetic_prompt(k)}) + "\n")
+            recipe = {
+                "source": {"path": str(data), "id_field": "id"},
+                "stages": [{"type": "decontaminate", "eval_prompts": [str(evals)]}],
+                "output": {"dir": str(Path(tmp) / f"run-{name}"), "formats": []},
+                "settings": {"shard_size": cfg["shard_size"]},
+            }
+            return LocalExecutor(parse_recipe(recipe), progress=False).run()
+
+        run(2 * cfg["shard_size"], "warmup")  # full shards, as the measured run has
+        base_rss = rss_now_kib()
+        samples: list[int] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.25):
+                samples.append(rss_now_kib())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        result = run(cfg["rows"], "source")
+        done.set()
+        sampler.join()
+    out = {
+        "rows": cfg["rows"],
+        "records_out": result.stages[-1].records_out,
+        "base_rss_kib": base_rss,
+        "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "peak_before_export_kib": before_export[-1],
+        "tenths_kib": [
+            max(samples[k * len(samples) // 10 : (k + 1) * len(samples) // 10] or [0])
+            for k in range(10)
+        ],
+    }
+    Path(out_path).write_text(json.dumps(out))
+
+
+def source_axis(sizes: list[int], shard_size: int) -> None:
+    """Peak RSS per source size, and the ratio of the largest size's to the smallest's."""
+    results = []
+    for n in sizes:
+        cfg = {"rows": n, "shard_size": shard_size}
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        r = run_job([sys.executable, __file__, "--_source_job"], cfg, env, f"the run at {n} rows")
+        results.append(r)
+        growth = r["peak_before_export_kib"] - r["base_rss_kib"]
+        print(
+            f"{n:>8} source rows: peak RSS {r['peak_kib'] / 1024:7.1f} MiB, up to the export "
+            f"{r['peak_before_export_kib'] / 1024:7.1f} MiB | before the run "
+            f"{r['base_rss_kib'] / 1024:7.1f} MiB | growth up to the export {growth / 1024:6.1f} "
+            f"MiB ({growth * 1024 / n:.1f} bytes per row) | {r['records_out']} records out",
+            flush=True,
+        )
+        tenths = " ".join(f"{k / 1024:.0f}" for k in r["tenths_kib"])
+        print(f"{'':>21}highest RSS in each tenth of the run (MiB): {tenths}", flush=True)
+    first, last = results[0], results[-1]
+    print(
+        f"ratio {last['rows']} / {first['rows']} source rows: peak RSS up to the export "
+        f"{last['peak_before_export_kib'] / first['peak_before_export_kib']:.3f} (target <= 1.10); "
+        f"whole run {last['peak_kib'] / first['peak_kib']:.3f}"
+    )
+
+
 def main() -> None:
-    if child_job("--_job", job):
+    if child_job("--_job", job) or child_job("--_source_job", source_job):
         return
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,7 +224,19 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=2)
     ap.add_argument("--shard-size", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument(
+        "--source-rows",
+        type=int,
+        nargs="+",
+        help="measure the source-size axis at these sizes instead (no model; see above)",
+    )
+    ap.add_argument(
+        "--source-shard-size", type=int, default=1000, help="shard size of the source-size runs"
+    )
     args = ap.parse_args()
+    if args.source_rows:
+        source_axis(args.source_rows, args.source_shard_size)
+        return
 
     results = []
     for n in args.sizes:

@@ -99,13 +99,13 @@ def estimate(
     from synthpref.checks import check_run_dir_writable, checked_recipe
     from synthpref.console import say
     from synthpref.executor.local import LocalExecutor
-    from synthpref.sources import load_records
+    from synthpref.sources import count_records
 
     console = console or Console(stderr=True)
     loaded, warnings = checked_recipe(recipe, for_run=True)
     for warning in warnings:
         say(console, warning, label="warning:", style="yellow")
-    records, _ = load_records(loaded.recipe)
+    prompts = count_records(loaded.recipe)  # one streaming read: the source is never held
     run_dir = Path(output) if output else loaded.recipe.resolve(loaded.recipe.output.dir)
     check_run_dir_writable(run_dir, "output (--output)" if output else "output.dir")
     _mark_run_dir(loaded, run_dir)
@@ -120,7 +120,7 @@ def estimate(
         )
         result = executor.run()
     est = Estimate(
-        prompts=len(records),
+        prompts=prompts,
         pilot_prompts=result.stages[0].records_in if result.stages else 0,
         pilot_seconds=result.seconds,
         pilot_calls=sum(c.calls for per in executor.clients.values() for c in per.values()),

@@ -5,13 +5,21 @@ one process, or Ray actors). Everything that makes two executors' runs interchan
 the run-dir layout, the fingerprint chain that names checkpoint directories, the resume point of each
 shard, the checkpoint written per stage and shard, and the summary and export at the end. A run
 started by one executor therefore resumes under the other.
+
+The input is never held whole (:class:`RunInput`). Planning reads the source once, keeping only
+counts, malformed rows, the input fingerprint and a 16-byte digest per shard; each stage's pre-pass
+that reads records gets a fresh read of its own; the executor reads it once more, a shard at a time,
+each shard checked against its digest. A source is therefore read at least twice per run (a Hub
+dataset is streamed twice), which costs little next to generating for it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +33,7 @@ from synthpref.console import say
 from synthpref.errors import RunPaused, SynthprefError
 from synthpref.executor import checkpoints as ck
 from synthpref.executor.durable import write_json, write_jsonl
-from synthpref.executor.fingerprint import digest, input_fingerprint, stage_fingerprints
+from synthpref.executor.fingerprint import InputHasher, digest, record_blob, stage_fingerprints
 from synthpref.executor.progress import StageProgress
 from synthpref.executor.run_dir import RunDirError, check_output_dir, clear_for_fresh, contained
 from synthpref.executor.run_meta import RUN_LAYOUT, StageSummary, file_digest, read_spend
@@ -33,7 +41,7 @@ from synthpref.executor.worker_cache import merge_worker_caches
 from synthpref.export import export_all
 from synthpref.recipes.loader import LoadedRecipe
 from synthpref.records import Record
-from synthpref.sources import InputError, load_records, no_usable_prompt
+from synthpref.sources import InputError, iter_records, no_usable_prompt
 from synthpref.stages.base import Stage, StageContext, candidate_id_problem
 
 
@@ -72,17 +80,120 @@ class RunResult:
         }
 
 
+#: starts a read of a run's input (see :class:`RunInput`)
+Reader = Callable[[Mapping[int, InputError] | None], Iterable[Record | InputError]]
+
+
+class RunInput:
+    """A run's input as the planning read found it, and fresh reads of it, never all in memory.
+
+    :meth:`scan` reads it once and keeps only what the plan needs: the number of records, the
+    malformed rows, the input fingerprint (the same value :func:`input_fingerprint` gives over the
+    records, so run directories planned from a list resume) and a digest per shard. ``read(known)``
+    starts a new read from the beginning, of the source (:func:`iter_records`) or again over
+    records built beforehand; ``known`` is None for the planning read, and the errors it found, by
+    row, for every read after it, which then needs no duplicate-id index.
+    """
+
+    def __init__(self, read: Reader, shard_size: int) -> None:
+        self._read = read
+        self.shard_size = shard_size
+        self.n_records = 0
+        self.fingerprint = ""
+        self._digests: list[bytes] = []
+        self._known: dict[int, InputError] = {}
+
+    @classmethod
+    def scan(cls, read: Reader, shard_size: int) -> tuple[RunInput, list[InputError]]:
+        """The planning read: the input's counts, fingerprint and shard digests, and its malformed
+        rows (in source order)."""
+        found = cls(read, shard_size)
+        errors: list[InputError] = []
+        hasher = InputHasher(shard_size)
+        shard, in_shard = hashlib.sha256(), 0
+        for item in read(None):
+            if isinstance(item, InputError):
+                errors.append(item)
+                continue
+            found.n_records += 1
+            blob = record_blob(item)
+            hasher.add(blob)
+            shard.update(blob)
+            in_shard += 1
+            if in_shard == shard_size:
+                found._digests.append(shard.digest()[:16])
+                shard, in_shard = hashlib.sha256(), 0
+        if in_shard:
+            found._digests.append(shard.digest()[:16])
+        found.fingerprint = hasher.hexdigest()
+        found._known = {e.row: e for e in errors}
+        return found, errors
+
+    @property
+    def n_shards(self) -> int:
+        return len(self._digests)
+
+    def shards(self) -> Iterator[list[Record]]:
+        """The shards in order, read again, one at a time: a shard's records exist only while the
+        caller holds them. Each is checked against the planning read's digest, so a source that
+        changed since (a file edited or appended to mid-shard, a Hub dataset updated) stops the run
+        with :class:`RunError` instead of mixing two inputs under one fingerprint."""
+        items = iter(self._read(self._known))
+        records = (item for item in items if not isinstance(item, InputError))
+        try:
+            for k, expected in enumerate(self._digests):
+                shard = list(itertools.islice(records, self.shard_size))
+                h = hashlib.sha256()
+                for record in shard:
+                    h.update(record_blob(record))
+                if h.digest()[:16] != expected:
+                    raise RunError(self._changed(k, shard))
+                yield shard
+                del shard  # not held while the next one is read
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    def records(self) -> Iterator[Record]:
+        """Every record in order, read again, a shard at a time (each checked as in
+        :meth:`shards`)."""
+        for shard in self.shards():
+            yield from shard
+            del shard  # not held while the next one is read
+
+    def _changed(self, k: int, shard: list[Record]) -> str:
+        rows = f" (input rows {shard[0].source_row}-{shard[-1].source_row})" if shard else ""
+        return (
+            f"the input changed since this run was planned: shard {k}{rows} no longer holds the "
+            "records it held when the run started. Rerun the same command to start over on the "
+            "input as it is now, or restore the input to resume this run."
+        )
+
+
 @dataclass
 class RunPlan:
-    """A prepared run: its shards, fingerprints and checkpoint directories (one per stage)."""
+    """A prepared run: its input (read a shard at a time), fingerprints and checkpoint directories
+    (one per stage)."""
 
     run_dir: Path
-    records: list[Record]
+    input: RunInput
     errors: list[InputError]
-    shards: list[list[Record]]
     run_fp: str
     stage_dirs: list[Path]
     warn: Callable[[str], None] = print
+
+    @property
+    def n_records(self) -> int:
+        return self.input.n_records
+
+    @property
+    def n_shards(self) -> int:
+        return self.input.n_shards
+
+    def shards(self) -> Iterator[list[Record]]:
+        """A fresh read of the input's shards, in order (see :meth:`RunInput.shards`)."""
+        return self.input.shards()
 
     def path(self, stage: int, shard: int) -> Path:
         return ck.shard_path(self.stage_dirs[stage], shard)
@@ -134,7 +245,7 @@ class Executor:
         say(self.console, message, style="yellow")
 
     def _tally(self, plan: RunPlan) -> RunTally:
-        return RunTally(self.loaded.stages, len(plan.records), self.console, self.show_progress)
+        return RunTally(self.loaded.stages, plan.n_records, self.console, self.show_progress)
 
 
 def plan_run(
@@ -142,15 +253,17 @@ def plan_run(
     run_dir: Path,
     *,
     fresh: bool,
-    records: list[Record] | None = None,
+    records: Sequence[Record] | None = None,
     input_errors: list[InputError] | None = None,
     warn: Callable[[str], None] = print,
 ) -> RunPlan:
-    """Check the run dir, load and shard the input, clear (``fresh``) or reopen the run dir, run the
-    stages' run-level pre-pass, and write ``run.json``; merges call results left by workers of an
-    interrupted run. Nothing is created or deleted before the run dir is known to be safe to use
-    and the input has loaded."""
+    """Check the run dir, read the input through once (:meth:`RunInput.scan`), clear (``fresh``) or
+    reopen the run dir, run the stages' run-level pre-pass, and write ``run.json``; merges call
+    results left by workers of an interrupted run. Nothing is created or deleted before the run dir
+    is known to be safe to use and the whole input has been read. ``records`` (eval-judges) are
+    built beforehand and used instead of the recipe's source; they are held by the caller."""
     recipe = loaded.recipe
+    size = recipe.settings.shard_size
     try:
         check_output_dir(
             run_dir,
@@ -159,9 +272,11 @@ def plan_run(
             sources=_source_files(loaded),
         )
         if records is not None:
-            records, errors = list(records), list(input_errors or [])
+            given = list(records)
+            run_input, _ = RunInput.scan(lambda known: given, size)
+            errors = list(input_errors or [])
         else:
-            records, errors = load_records(recipe)
+            run_input, errors = RunInput.scan(lambda known: iter_records(recipe, known), size)
         if fresh:
             clear_for_fresh(run_dir)
     except RunDirError as exc:
@@ -181,7 +296,7 @@ def plan_run(
             f"{len(errors)} malformed input row(s); first: {errors[0]} "
             f"(all listed in {run_dir / 'errors.jsonl'}; set settings.on_error: skip to skip them)"
         )
-    if not records:
+    if not run_input.n_records:
         raise RunError(no_usable_prompt(recipe, errors, run_dir / "errors.jsonl"))
     for e in errors:
         warn(f"skipped input {e}")
@@ -189,12 +304,10 @@ def plan_run(
     stages = loaded.stages
     for s in stages:  # run-level pre-pass (e.g. de-duplication across shards), before any shard
         try:
-            s.prepare(records, recipe)
+            s.prepare(_prepare_input(s, run_input), recipe)
         except (OSError, ValueError) as exc:
             raise RunError(f"stage {s.name!r} ({s.type_name}): {exc}") from exc
-    size = recipe.settings.shard_size
-    shards = [records[k : k + size] for k in range(0, len(records), size)]
-    input_fp = input_fingerprint(records, size)
+    input_fp = run_input.fingerprint
     fps = stage_fingerprints(input_fp, stages, loaded.models)
     run_fp = digest([input_fp, *fps])
     checkpoints = run_dir / "checkpoints"
@@ -215,7 +328,17 @@ def plan_run(
         "recipe": loaded.raw,
     }
     write_json(run_dir / "run.json", info, default=str)
-    return RunPlan(run_dir, records, errors, shards, run_fp, stage_dirs, warn)
+    return RunPlan(run_dir, run_input, errors, run_fp, stage_dirs, warn)
+
+
+def _prepare_input(stage: Stage, run_input: RunInput) -> Iterable[Record]:
+    """What a stage's pre-pass is given: a fresh read of the input (nothing is read unless the
+    stage iterates it) for a stage that declares ``prepare_streams`` or keeps the default no-op
+    ``prepare``; for any other, a list of every record, as custom stages written before streaming
+    expect, which holds the whole input in memory while that stage prepares."""
+    if stage.prepare_streams or type(stage).prepare is Stage.prepare:
+        return run_input.records()
+    return list(run_input.records())
 
 
 def _source_files(loaded: LoadedRecipe) -> list[Path]:
@@ -383,7 +506,7 @@ def finish_run(
 ) -> RunResult:
     """Export the last stage's checkpoints into ``data/`` and write ``summary.json``."""
     last = len(plan.stage_dirs) - 1
-    final_shards = [plan.path(last, k) for k in range(len(plan.shards))]
+    final_shards = [plan.path(last, k) for k in range(plan.n_shards)]
     outputs = export_all(
         loaded.recipe.output.formats,
         final_shards,
@@ -399,7 +522,7 @@ def finish_run(
     result = RunResult(
         plan.run_dir,
         plan.run_fp,
-        len(plan.records) + len(plan.errors),
+        plan.n_records + len(plan.errors),
         plan.errors,
         summaries,
         outputs,

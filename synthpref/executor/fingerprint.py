@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from synthpref.backends.specs import ModelSpec, fingerprint_fields
@@ -23,12 +24,32 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def input_fingerprint(records: list[Record], shard_size: int) -> str:
-    h = hashlib.sha256(str(shard_size).encode())
+def record_blob(record: Record) -> bytes:
+    """What of a record the input fingerprint covers: its id, prompt and metadata, and its
+    pre-filled candidates (eval-judges), which are input too; records without any hash as before."""
+    fields = {"id", "prompt", "metadata"} | ({"candidates"} if record.candidates else set())
+    return record.model_dump_json(include=fields).encode()
+
+
+class InputHasher:
+    """The input fingerprint computed as records stream past, one at a time, so the input never
+    needs to be in memory at once; equal to :func:`input_fingerprint` of the same records."""
+
+    def __init__(self, shard_size: int) -> None:
+        self._h = hashlib.sha256(str(shard_size).encode())
+
+    def add(self, blob: bytes) -> None:
+        """One record's :func:`record_blob`, in input order."""
+        self._h.update(blob)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def input_fingerprint(records: Iterable[Record], shard_size: int) -> str:
+    h = InputHasher(shard_size)
     for r in records:
-        # pre-filled candidates (eval-judges) are input too; records without any hash as before
-        fields = {"id", "prompt", "metadata"} | ({"candidates"} if r.candidates else set())
-        h.update(r.model_dump_json(include=fields).encode())
+        h.add(record_blob(r))
     return h.hexdigest()
 
 

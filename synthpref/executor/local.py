@@ -6,12 +6,18 @@ executor starts after the last stage that already has a checkpoint; a checkpoint
 stage's fingerprint, so it is reused exactly when its inputs and settings are unchanged. Model calls go
 through the request cache, so even a shard interrupted halfway redoes no finished call. Planning,
 per-shard processing, summaries and export are shared with the Ray executor (``common.py``).
+
+The input streams in: the first stage's worker reads the next shard from the source only when it is
+ready to take it, and the queues between workers hold at most ``settings.max_concurrent_shards``
+shards each, so only the shards in flight are in memory, whatever the size of the source.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +55,7 @@ class LocalExecutor(Executor):
         self,
         loaded: LoadedRecipe,
         *,
-        records: list[Record] | None = None,
+        records: Sequence[Record] | None = None,
         input_errors: list[InputError] | None = None,
         cache_path: Path | None = None,
         **options: Any,
@@ -136,10 +142,10 @@ class LocalExecutor(Executor):
     def _how_far(self, plan: RunPlan, paused: list[Paused]) -> str:
         stages = self.loaded.stages
         done = [
-            sum(plan.start_at(k) >= i for k in range(len(plan.shards))) for i in range(len(stages))
+            sum(plan.start_at(k) >= i for k in range(plan.n_shards)) for i in range(len(stages))
         ]
         lines = [
-            f"  {s.name}: {d} of {len(plan.shards)} shards done"
+            f"  {s.name}: {d} of {plan.n_shards} shards done"
             for s, d in zip(stages, done, strict=True)
         ]
         waiting = sorted({(p.stage, p.shard) for p in paused})
@@ -175,11 +181,14 @@ class LocalExecutor(Executor):
         return True
 
     async def _pipeline(self, plan: RunPlan, tally: RunTally) -> list[Paused]:
-        """One pass; returns the (stage, shard)s that paused (their later stages are skipped)."""
-        stages, shards = self.loaded.stages, plan.shards
+        """One pass; returns the (stage, shard)s that paused (their later stages are skipped). The
+        input is read afresh, a shard at a time, as the first stage's worker takes it (in a thread,
+        so a slow read, a Hub stream, never stalls the stages working on earlier shards)."""
+        stages = self.loaded.stages
         paused: list[Paused] = []
-        n_stages = len(stages)
-        start_at = [self._start_at(plan, k) for k in range(len(shards))]
+        n_stages, n_shards = len(stages), plan.n_shards
+        shards = plan.shards()
+        start_at = [self._start_at(plan, k) for k in range(n_shards)]
         depth = self.recipe.settings.max_concurrent_shards
         queues = [asyncio.Queue(maxsize=depth) for _ in range(n_stages)]
 
@@ -190,8 +199,8 @@ class LocalExecutor(Executor):
         async def worker(i: int) -> None:
             stage = stages[i]
             held = False  # a stateful stage takes no shard after one it could not take
-            for k in range(len(shards)):
-                upstream = shards[k] if i == 0 else await queues[i - 1].get()
+            for k in range(n_shards):
+                upstream = await _next_shard(shards) if i == 0 else await queues[i - 1].get()
                 path = plan.path(i, k)
                 if upstream is PAUSED or (held and i >= start_at[k]):
                     out = PAUSED
@@ -227,8 +236,18 @@ class LocalExecutor(Executor):
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
+            # a read still running in its thread (the pipeline stopped meanwhile) is left to finish
+            # there; the reader is then closed when it is dropped
+            with contextlib.suppress(ValueError):
+                shards.close()
             await drain_submissions()  # a job the provider accepted is recorded before we go on
         return paused
+
+
+async def _next_shard(shards: Iterator[list[Record]]) -> list[Record]:
+    """The next shard of the input; ``RunInput.shards`` yields exactly the planned number, or
+    raises."""
+    return await asyncio.to_thread(next, shards)
 
 
 #: what a paused shard hands the stages after it: nothing to do this pass

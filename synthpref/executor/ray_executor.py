@@ -22,6 +22,7 @@ import math
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,14 @@ class ShardWorker:
         return client_stats(self.clients)
 
 
+def _shard(shards: Iterator[tuple[int, list]], k: int) -> list:
+    """Shard ``k`` of a numbered read of the input that has not passed it yet."""
+    for j, records in shards:
+        if j == k:
+            return records
+    raise RunError(f"the input ended before shard {k}")
+
+
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
@@ -130,7 +139,7 @@ class RayExecutor(Executor):
         tally = self._tally(plan)
         todo: list[tuple[int, int]] = []
         with tally:
-            for k in range(len(plan.shards)):
+            for k in range(plan.n_shards):
                 start = plan.start_at(k)
                 if start == last:  # finished: only its counters are needed
                     for i in range(last + 1):
@@ -208,15 +217,18 @@ class RayExecutor(Executor):
             tally.add_calls(per_actor)
 
     def _dispatch(self, ray, actors, depth, plan: RunPlan, todo, tally: RunTally) -> None:
-        """Keep every actor busy with up to ``depth`` shards, in shard order, least busy first."""
+        """Keep every actor busy with up to ``depth`` shards, in shard order, least busy first. The
+        input is read as shards are handed out (one read, in order), so the driver holds none but
+        the shard it is sending."""
         queue = list(reversed(todo))
         load = [0] * len(actors)
         in_flight: dict = {}
+        shards = enumerate(plan.shards())
         while queue or in_flight:
             while queue and min(load) < depth:
                 a = load.index(min(load))
                 k, start = queue.pop()
-                records = plan.shards[k] if start < 0 else None
+                records = _shard(shards, k) if start < 0 else None
                 in_flight[actors[a].run_shard.remote(k, records, start)] = a
                 load[a] += 1
             ready, _ = ray.wait(list(in_flight), num_returns=1)

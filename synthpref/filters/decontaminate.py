@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -144,7 +145,9 @@ class Decontaminate(Stage):
         self._index: _EvalIndex | None = None
         self._hash: str | None = None
 
-    def prepare(self, records: list[Record], recipe=None) -> None:
+    prepare_streams = True  # its pre-pass loads the evaluation prompts and reads no record
+
+    def prepare(self, records: Iterable[Record], recipe=None) -> None:
         self.load([resolve(p, recipe) for p in self.params.eval_prompts])
 
     def load(self, paths: list[Path]) -> None:

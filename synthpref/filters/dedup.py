@@ -38,7 +38,8 @@ processes shards in parallel, refuses such a recipe.
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from collections.abc import Iterable
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -92,14 +93,17 @@ class _Index:
     ``remember_dropped`` (the pre-pass): a near duplicate's exact key is remembered too, so a later
     exact copy of it counts as an ``exact_duplicate`` of the prompt that was kept. Without it (the
     running index) only kept prompts are indexed, so that replaying a finished shard's kept prompts
-    (:meth:`insert`) rebuilds exactly the state that processing it left."""
+    (:meth:`insert`) rebuilds exactly the state that processing it left.
+
+    Per indexed prompt it keeps a 32-byte key, the MinHash values as a bare array and the LSH
+    entries, never the record: the pre-pass reads the input once, as a stream."""
 
     def __init__(self, params: DedupParams, remember_dropped: bool = True) -> None:
         from datasketch import MinHash, MinHashLSH
 
         self.params = params
         self.remember_dropped = remember_dropped
-        self.exact: dict[str, str] = {}
+        self.exact: dict[bytes, str] = {}
         self._proto = MinHash(num_perm=params.num_perm, seed=params.seed)
         self._minhash = MinHash
         self.lsh = (
@@ -107,11 +111,11 @@ class _Index:
             if params.near
             else None
         )
-        self.signatures: dict[str, object] = {}
+        self.signatures: dict[str, Any] = {}  # id -> MinHash values (a numpy array)
         self.order: dict[str, int] = {}
 
-    def _key(self, text: str) -> str:
-        return hashlib.sha256(exact_text(text).encode()).hexdigest()
+    def _key(self, text: str) -> bytes:
+        return hashlib.sha256(exact_text(text).encode()).digest()
 
     def _signature(self, text: str):
         tokens = words_and_symbols(text)
@@ -126,12 +130,17 @@ class _Index:
         sig.update_batch(shingles)
         return sig
 
-    def _keep(self, record_id: str, key: str, sig) -> None:
+    def _keep(self, record_id: str, key: bytes, sig) -> None:
         self.exact[key] = record_id
         if self.lsh is not None:
             self.order[record_id] = len(self.order)
-            self.signatures[record_id] = sig
+            self.signatures[record_id] = sig.hashvalues
             self.lsh.insert(record_id, sig)
+
+    def _similarity(self, sig, other: str) -> float:
+        """``MinHash.jaccard`` against a kept prompt's stored values (the same arithmetic)."""
+        values = self.signatures[other]
+        return float((sig.hashvalues == values).sum()) / float(len(values))
 
     def add(self, record: Record) -> tuple[str, str] | None:
         """None if the record is new (and now indexed), else (kind, id of the prompt it repeats)."""
@@ -146,7 +155,7 @@ class _Index:
         matches = [
             other
             for other in self.lsh.query(sig)
-            if sig.jaccard(self.signatures[other]) >= self.params.threshold
+            if self._similarity(sig, other) >= self.params.threshold
         ]
         if matches:
             first = min(matches, key=lambda other: self.order[other])
@@ -197,7 +206,9 @@ class Dedup(Stage):
         # nothing for the pre-pass, so the fingerprints of recipes that dedup their input stay
         return {"decides": "in_shard_order"} if self.carries_state else {}
 
-    def prepare(self, records: list[Record], recipe=None) -> None:
+    prepare_streams = True  # its pre-pass reads each record once and keeps signatures, not records
+
+    def prepare(self, records: Iterable[Record], recipe=None) -> None:
         if self.carries_state:
             self._decisions = None  # the input is not what this stage will see
             return

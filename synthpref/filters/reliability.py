@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pydantic import Field
@@ -256,7 +257,9 @@ class ReliabilityFilter(Stage):
                 if s.kind in ("judge", "annotator")
             ]
 
-    def prepare(self, records: list[Record], recipe=None) -> None:
+    prepare_streams = True  # its pre-pass checks the gold file and reads no record
+
+    def prepare(self, records: Iterable[Record], recipe=None) -> None:
         self._gold_path = resolve(self.params.gold, recipe)
         if not self._gold_path.is_file():
             raise ValueError(f"gold: no such file {self._gold_path}")

@@ -37,7 +37,9 @@ class SourceSpec(_Strict):
     id_field: str | None = Field(
         None, description="column with stable ids; default: a hash of the prompt"
     )
-    limit: int | None = Field(None, ge=1, description="use only the first N rows")
+    limit: int | None = Field(
+        None, ge=1, description="use only the first N usable rows (reading stops there)"
+    )
     seeds: int | None = Field(
         None,
         ge=1,

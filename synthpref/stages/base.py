@@ -16,6 +16,7 @@ from pydantic import ConfigDict
 from synthpref.recipes.numbers import RecipeNumbers
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from pathlib import Path
 
     from synthpref.backends.base import Capability
@@ -135,9 +136,20 @@ class Stage(ABC):
         """What, beyond its parameters and models, changes this stage's output (e.g. template hashes)."""
         return {}
 
-    def prepare(self, records: list[Record], recipe: Recipe | None = None) -> None:  # noqa: B027
-        """Run-level pre-pass, called once per run with every input record before any shard is
-        processed (e.g. prompt de-duplication across shards; files relative to the recipe)."""
+    #: whether :meth:`prepare` takes its records as an iterable it reads once (a fresh read of the
+    #: source, never all in memory) rather than a list. False by default, so a custom stage written
+    #: for a list keeps getting one, which costs the whole input in memory for its pre-pass (a
+    #: stage that keeps the default no-op ``prepare`` never costs that); set it True on a stage
+    #: whose pre-pass only loops over the records once.
+    prepare_streams: ClassVar[bool] = False
+
+    def prepare(  # noqa: B027
+        self, records: Iterable[Record], recipe: Recipe | None = None
+    ) -> None:
+        """Run-level pre-pass, called once per run with every input record, in input order, before
+        any shard is processed (e.g. prompt de-duplication across shards; files relative to the
+        recipe). ``records`` is a list unless the stage sets :attr:`prepare_streams`; keep what
+        later shards need (signatures, ids), not the records."""
 
     #: whether this stage's output for a shard depends on the shards before it (a running
     #: de-duplication index, a growing pool of synthesized prompts): the local executor then

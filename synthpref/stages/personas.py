@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,7 +253,9 @@ class PersonaPrompts(Stage):
             out["personas"] = hashlib.sha256(self.persona_path().read_bytes()).hexdigest()[:16]
         return out
 
-    def prepare(self, records: list[Record], recipe=None) -> None:
+    prepare_streams = True  # its pre-pass checks the recipe and reads no record
+
+    def prepare(self, records: Iterable[Record], recipe=None) -> None:
         if self.params.from_source and recipe is not None and recipe.source.seeds is not None:
             raise ConfigError(
                 f"stage {self.name!r} (persona_prompts): from_source: true writes each persona "

@@ -36,6 +36,7 @@ import random
 import re
 import string
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -297,7 +298,9 @@ class SelfInstruct(Stage):
 
     # state --------------------------------------------------------------------------------------
 
-    def prepare(self, records: list[Record], recipe=None) -> None:
+    prepare_streams = True  # its pre-pass reads each record once, for the seed pool
+
+    def prepare(self, records: Iterable[Record], recipe=None) -> None:
         """The seed pool: ``seed_file``'s tasks, then every input record's instruction."""
         seeds: list[tuple[str, str]] = []
         if self.params.seed_file:
