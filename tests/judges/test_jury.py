@@ -213,7 +213,9 @@ def test_lexicographic_full_tie_shares_half_a_point():
     rec = make_record("r", "q", ["x", "y"])
     a, b = (cand.id for cand in rec.candidates)
     rec.judgments = [
-        Judgment(judge=j, candidate_ids=[cid], score=1.0) for j in ("tick", "rating") for cid in (a, b)
+        Judgment(judge=j, candidate_ids=[cid], score=1.0)
+        for j in ("tick", "rating")
+        for cid in (a, b)
     ]
     stage = Jury("jury", JuryParams(judges=["tick", "rating"], method="lexicographic"))
     stage.bind([_Judge("tick", (0.0, 1.0)), _Judge("rating", (1.0, 5.0))])
