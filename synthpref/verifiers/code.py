@@ -38,6 +38,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from synthpref.errors import DataError
 from synthpref.judges.verifier import Check
 from synthpref.verifiers.sandbox import Limits, Outcome, run_python
 
@@ -55,7 +56,7 @@ EXPECTED_SHAPE = (
 )
 
 
-class MalformedTests(ValueError):
+class MalformedTests(DataError, ValueError):
     """A record's tests field has none of the accepted shapes (the message says what it has)."""
 
 

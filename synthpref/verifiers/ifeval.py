@@ -28,6 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
+from synthpref.errors import ConfigError
 from synthpref.judges.verifier import Check
 
 NLTK_DATA = Path(__file__).parent / "nltk_data"
@@ -41,7 +42,7 @@ Mode = Literal["strict", "loose"]
 _reference: tuple[ModuleType, dict[str, Any]] | None = None
 
 
-class ReferenceMissing(ImportError):
+class ReferenceMissing(ConfigError, ImportError):
     """lm-eval's IFEval code (or what it imports) is not installed."""
 
 

@@ -13,16 +13,15 @@ reads as LaTeX inside math delimiters; :func:`reference_values` says which way a
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import threading
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-from math_verify.errors import TimeoutException
-from sympy import Basic, MatrixBase
-
+from synthpref.errors import DataError
 from synthpref.judges.verifier import Check
 
 # math-verify's own defaults for verify(); the stage's params default to these.
@@ -30,11 +29,27 @@ FLOAT_ROUNDING = 6
 NUMERIC_PRECISION = 15
 STRICT = True
 
-# A boxed answer is the convention for "this is my final answer": ranked first (math-verify's
-# default ranks it level with "final answer ... is" phrases).
-RESPONSE_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
-TEXT_CONFIG = (LatexExtractionConfig(), ExprExtractionConfig())
-LATEX_ONLY = (LatexExtractionConfig(),)
+
+@functools.cache
+def _mv() -> SimpleNamespace:
+    """math-verify and sympy, imported on first use: every synthpref process imports this module
+    (it registers the shipped stages), and importing them costs about 0.6 s at start-up."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    from math_verify.errors import TimeoutException
+    from sympy import Basic, MatrixBase
+
+    return SimpleNamespace(
+        parse=parse,
+        verify=verify,
+        Timeout=TimeoutException,
+        math_types=(Basic, MatrixBase),
+        # A boxed answer is the convention for "this is my final answer": ranked first
+        # (math-verify's default ranks it level with "final answer ... is" phrases).
+        response_config=(LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()),
+        text_config=(LatexExtractionConfig(), ExprExtractionConfig()),
+        latex_only=(LatexExtractionConfig(),),
+    )
+
 
 _DELIMITED = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed")
 _WORD = re.compile(r"[A-Za-z]{2,}")
@@ -42,7 +57,7 @@ _WORD = re.compile(r"[A-Za-z]{2,}")
 NO_ANSWER = "no answer found"
 
 
-class BadReference(ValueError):
+class BadReference(DataError, ValueError):
     """The reference answer cannot be used: the check is failed, never scored 0."""
 
 
@@ -81,13 +96,14 @@ def reference_values(text: str, timeout: int | None = None) -> list[Any]:
     else is a bare answer and read as LaTeX inside ``$...$``: that is how ``\\frac{1}{2}``,
     ``[1, 2)``, ``3, 5`` and ``x^2+1`` parse at all, and words must not take that road, since LaTeX
     reads ``see`` as the product ``s*e*e``."""
+    mv = _mv()
     if _DELIMITED.search(text) or (_WORD.search(text) and "\\" not in text):
-        return parse(text, list(TEXT_CONFIG), parsing_timeout=timeout, raise_on_error=True)
-    return parse(f"${text}$", list(LATEX_ONLY), parsing_timeout=timeout, raise_on_error=True)
+        return mv.parse(text, list(mv.text_config), parsing_timeout=timeout, raise_on_error=True)
+    return mv.parse(f"${text}$", list(mv.latex_only), parsing_timeout=timeout, raise_on_error=True)
 
 
 def _math(values: list[Any]) -> list[Any]:
-    return [v for v in values if isinstance(v, Basic | MatrixBase)]
+    return [v for v in values if isinstance(v, _mv().math_types)]
 
 
 def _text(values: list[Any]) -> str | None:
@@ -109,6 +125,7 @@ def check_answer(
     """``response``'s final answer against ``reference``: 1.0 equivalent, 0.0 not (or no answer
     found); a failed check (score None) when the reference does not parse or math-verify timed out.
     """
+    mv = _mv()
     timeout = _timeouts()
     try:
         ref_text = reference_text(reference)
@@ -117,7 +134,7 @@ def check_answer(
     evidence: dict[str, Any] = {"reference_text": ref_text}
     try:
         gold = reference_values(ref_text, timeout)
-    except TimeoutException:
+    except mv.Timeout:
         return _failed(f"parsing reference answer {ref_text!r} timed out", evidence, "timeout")
     except Exception as exc:  # math-verify's own failure, reported with the text it failed on
         msg = f"math-verify could not parse reference answer {ref_text!r}: {exc}"
@@ -127,10 +144,10 @@ def check_answer(
         return _failed(msg, {**evidence, "reference": None}, "bad_reference")
     evidence["reference"] = str(_math(gold)[0])
     try:
-        answer = parse(
-            response, list(RESPONSE_CONFIG), parsing_timeout=timeout, raise_on_error=True
+        answer = mv.parse(
+            response, list(mv.response_config), parsing_timeout=timeout, raise_on_error=True
         )
-    except TimeoutException:
+    except mv.Timeout:
         return _failed("parsing the response timed out", evidence, "timeout")
     except Exception as exc:
         return _failed(f"math-verify could not parse the response: {exc}", evidence, "check_error")
@@ -157,13 +174,14 @@ def _compare(
     """(equivalent, a comparison timed out): ``verify`` over every (gold, answer) value as
     ``verify(gold, answer)`` does, one pair at a time so that a timeout is seen, not read as
     "different". An error inside one comparison counts as "different", as in math-verify."""
+    mv = _mv()
     timed_out = False
     for g in gold:
         for a in answer:
             try:
-                if verify(g, a, timeout_seconds=timeout, raise_on_error=True, **options):
+                if mv.verify(g, a, timeout_seconds=timeout, raise_on_error=True, **options):
                     return True, timed_out
-            except TimeoutException:
+            except mv.Timeout:
                 timed_out = True
             except Exception:
                 continue
