@@ -284,3 +284,38 @@ def warm_up(base_url: str, model: str, prompts: list[str], max_tokens: int) -> N
 
     with ThreadPoolExecutor(max_workers=min(len(prompts), 256) or 1) as pool:
         list(pool.map(ask, prompts))
+
+
+def server_recipe(root: Path, cfg: dict, stages: list[dict], name: str) -> Path:
+    """A recipe in ``root`` over ``cfg["prompts"]`` (written beside it) with one model, ``server``:
+    the ``openai`` backend at its defaults on ``cfg["url"]``/``cfg["model"]``, as a user would
+    point synthpref at a running server; no export."""
+    (root / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in cfg["prompts"])
+    )
+    recipe = {
+        "name": name,
+        "source": {"path": "prompts.jsonl"},
+        "models": {"server": {"backend": "openai", "model": cfg["model"], "base_url": cfg["url"]}},
+        "stages": stages,
+        "output": {"dir": "run", "formats": []},
+    }
+    path = root / "recipe.yaml"
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    return path
+
+
+def measured_side(cmd: list[str], cfg: dict, env: dict, url: str, what: str) -> dict | None:
+    """One side (``cmd``, see :func:`run_job`) in a fresh process with the server's prefix cache
+    reset before it and its counters read around it (``result["server"]``); None, after printing
+    its log tail, when it fails, so the other sides still run."""
+    cache_reset = reset_prefix_cache(url)
+    before = server_counters(url)
+    try:
+        result = run_job(cmd, cfg, env, what=what)
+    except (SystemExit, OSError) as exc:  # OSError: its python could not be started
+        print(f"!! {what} failed: {exc} (log tail on stderr); going on without it", flush=True)
+        return None
+    result["server"] = counters_delta(before, server_counters(url))
+    result["cache_reset"] = cache_reset
+    return result

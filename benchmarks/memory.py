@@ -29,6 +29,7 @@ holds every row group's metadata until the file closes, so it grows with the num
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from _shared import child_job, run_job
@@ -94,20 +96,10 @@ def job(cfg: dict, out_path: str) -> None:
         loaded = parse_recipe(recipe)
         base_rss = rss_now_kib()
         base_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        samples: list[int] = []
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.wait(0.25):
-                samples.append(rss_now_kib())
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        t0 = time.perf_counter()
-        result = LocalExecutor(loaded, progress=False).run()
-        seconds = time.perf_counter() - t0
-        done.set()
-        sampler.join()
+        with rss_samples() as samples:
+            t0 = time.perf_counter()
+            result = LocalExecutor(loaded, progress=False).run()
+            seconds = time.perf_counter() - t0
         records_out = result.stages[-1].records_out
     out = {
         "prompts": cfg["prompts"],
@@ -117,13 +109,36 @@ def job(cfg: dict, out_path: str) -> None:
         "base_peak_kib": base_peak,
         "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "end_rss_kib": rss_now_kib(),
-        # highest RSS seen in each tenth of the run: flat if memory does not build up over time
-        "tenths_kib": [
-            max(samples[k * len(samples) // 10 : (k + 1) * len(samples) // 10] or [0])
-            for k in range(10)
-        ],
+        "tenths_kib": tenths(samples),
     }
     Path(out_path).write_text(json.dumps(out))
+
+
+@contextlib.contextmanager
+def rss_samples(every: float = 0.25) -> Iterator[list[int]]:
+    """The process's RSS (KiB) every ``every`` seconds while the block runs, from a thread."""
+    samples: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(every):
+            samples.append(rss_now_kib())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        sampler.join()
+
+
+def tenths(samples: list[int]) -> list[int]:
+    """The highest RSS seen in each tenth of the run: flat if memory does not build up over time."""
+    return [
+        max(samples[k * len(samples) // 10 : (k + 1) * len(samples) // 10] or [0])
+        for k in range(10)
+    ]
 
 
 def source_job(cfg: dict, out_path: str) -> None:
@@ -162,28 +177,15 @@ def source_job(cfg: dict, out_path: str) -> None:
 
         run(2 * cfg["shard_size"], "warmup")  # full shards, as the measured run has
         base_rss = rss_now_kib()
-        samples: list[int] = []
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.wait(0.25):
-                samples.append(rss_now_kib())
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        result = run(cfg["rows"], "source")
-        done.set()
-        sampler.join()
+        with rss_samples() as samples:
+            result = run(cfg["rows"], "source")
     out = {
         "rows": cfg["rows"],
         "records_out": result.stages[-1].records_out,
         "base_rss_kib": base_rss,
         "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "peak_before_export_kib": before_export[-1],
-        "tenths_kib": [
-            max(samples[k * len(samples) // 10 : (k + 1) * len(samples) // 10] or [0])
-            for k in range(10)
-        ],
+        "tenths_kib": tenths(samples),
     }
     Path(out_path).write_text(json.dumps(out))
 

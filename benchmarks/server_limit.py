@@ -38,10 +38,8 @@ from pathlib import Path
 from _shared import (
     bench_prompts,
     child_job,
-    counters_delta,
-    reset_prefix_cache,
-    run_job,
-    server_counters,
+    measured_side,
+    server_recipe,
     vllm_server,
     warm_up,
 )
@@ -114,30 +112,15 @@ def generate_job(cfg: dict, out_path: str) -> None:
 
     import_s = time.perf_counter() - t_import
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        (root / "prompts.jsonl").write_text(
-            "".join(json.dumps({"prompt": p}) + "\n" for p in cfg["prompts"])
-        )
-        recipe = {
-            "name": "server-limit",
-            "source": {"path": "prompts.jsonl"},
-            "models": {
-                "server": {"backend": "openai", "model": cfg["model"], "base_url": cfg["url"]}
-            },
-            "stages": [
-                {
-                    "type": "generate",
-                    "models": ["server"],
-                    "n": 2,
-                    "temperature": cfg["temperature"],
-                    "top_p": cfg["top_p"],
-                    "max_tokens": cfg["max_tokens"],
-                }
-            ],
-            "output": {"dir": "run", "formats": []},
+        generate = {
+            "type": "generate",
+            "models": ["server"],
+            "n": 2,
+            "temperature": cfg["temperature"],
+            "top_p": cfg["top_p"],
+            "max_tokens": cfg["max_tokens"],
         }
-        recipe_path = root / "recipe.yaml"
-        recipe_path.write_text(json.dumps(recipe))  # JSON is YAML
+        recipe_path = server_recipe(Path(tmp), cfg, [generate], "server-limit")
         t0 = time.perf_counter()
         result = synthpref.run(recipe_path, fresh=True, progress=False)
         run_s = time.perf_counter() - t0
@@ -161,17 +144,8 @@ JOBS = {
 
 
 def measure_side(side: str, cfg: dict, env: dict) -> dict | None:
-    url = cfg["url"]
-    cache_reset = reset_prefix_cache(url)
-    before = server_counters(url)
-    try:
-        result = run_job([sys.executable, __file__, JOBS[side][0]], cfg, env, what=side)
-    except (SystemExit, OSError) as exc:  # OSError: its python could not be started
-        print(f"!! {side} failed: {exc} (log tail on stderr); going on without it", flush=True)
-        return None
-    result["server"] = counters_delta(before, server_counters(url))
-    result["cache_reset"] = cache_reset
-    return result
+    cmd = [sys.executable, __file__, JOBS[side][0]]
+    return measured_side(cmd, cfg, env, cfg["url"], side)
 
 
 def print_size(n: int, runs: dict[str, list[dict]], args) -> None:

@@ -73,10 +73,8 @@ from pathlib import Path
 from _shared import (
     bench_prompts,
     child_job,
-    counters_delta,
-    reset_prefix_cache,
-    run_job,
-    server_counters,
+    measured_side,
+    server_recipe,
     vllm_server,
     warm_up,
 )
@@ -148,41 +146,29 @@ def synthpref_job(cfg: dict, out_path: str) -> None:
     import_s = time.perf_counter() - t_import
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "prompts.jsonl").write_text(
-            "".join(json.dumps({"prompt": p}) + "\n" for p in cfg["prompts"])
-        )
         (root / "judge.jinja").write_text(JUDGE_TEMPLATE)
-        recipe = {
-            "name": "vs-peers-server",
-            "source": {"path": "prompts.jsonl"},
-            "models": {
-                "server": {"backend": "openai", "model": cfg["model"], "base_url": cfg["url"]}
+        stages = [
+            {
+                "type": "generate",
+                "models": ["server"],
+                "n": 2,
+                "temperature": cfg["temperature"],
+                "top_p": cfg["top_p"],
+                "max_tokens": cfg["max_tokens"],
             },
-            "stages": [
-                {
-                    "type": "generate",
-                    "models": ["server"],
-                    "n": 2,
-                    "temperature": cfg["temperature"],
-                    "top_p": cfg["top_p"],
-                    "max_tokens": cfg["max_tokens"],
-                },
-                {
-                    "type": "rubric_judge",
-                    "name": "rating",
-                    "model": "server",
-                    "aspects": ["rating"],
-                    "templates": {"rating": "judge.jinja"},
-                    "max_tokens": cfg["judge_max_tokens"],
-                    "score": "parsed",
-                    "prefill": None,
-                    "max_retries": 0,
-                },
-            ],
-            "output": {"dir": "run", "formats": []},
-        }
-        recipe_path = root / "recipe.yaml"
-        recipe_path.write_text(json.dumps(recipe))  # JSON is YAML
+            {
+                "type": "rubric_judge",
+                "name": "rating",
+                "model": "server",
+                "aspects": ["rating"],
+                "templates": {"rating": "judge.jinja"},
+                "max_tokens": cfg["judge_max_tokens"],
+                "score": "parsed",
+                "prefill": None,
+                "max_retries": 0,
+            },
+        ]
+        recipe_path = server_recipe(root, cfg, stages, "vs-peers-server")
         t0 = time.perf_counter()
         result = synthpref.run(recipe_path, fresh=True, progress=False)
         run_s = time.perf_counter() - t0
@@ -355,16 +341,7 @@ class PromptCounter:
 def measure_side(side: str, python: str, cfg: dict, env: dict, url: str) -> dict | None:
     """One side in a fresh process, with the server's counters around it; None (after printing
     its log tail) when it fails."""
-    cache_reset = reset_prefix_cache(url)
-    before = server_counters(url)
-    try:
-        result = run_job([python, __file__, JOBS[side][0]], cfg, env, what=side)
-    except (SystemExit, OSError) as exc:  # OSError: its python could not be started
-        print(f"!! {side} failed: {exc} (log tail on stderr); going on without it", flush=True)
-        return None
-    result["server"] = counters_delta(before, server_counters(url))
-    result["cache_reset"] = cache_reset
-    return result
+    return measured_side([python, __file__, JOBS[side][0]], cfg, env, url, side)
 
 
 def http_chat(delta: dict) -> tuple[int, int]:
