@@ -319,3 +319,20 @@ def measured_side(cmd: list[str], cfg: dict, env: dict, url: str, what: str) -> 
     result["server"] = counters_delta(before, server_counters(url))
     result["cache_reset"] = cache_reset
     return result
+
+
+def counter_rows(row, counters: dict[str, dict], sides: list[str], fmt: str) -> None:
+    """The equal-work rows every server benchmark prints, from each side's counter deltas:
+    ``row(label, values, fmt)`` for vLLM requests (and those cut at max_tokens), prompt tokens (and
+    those served from the prefix cache)."""
+
+    def c(s: str, key: str) -> int:
+        return int(counters[s].get(key, 0))
+
+    for label, key in (
+        ("vLLM requests", "vllm:request_success_total"),
+        ("  of them cut at max_tokens", "vllm:request_success_total{finished_reason=length}"),
+        ("prompt tokens", "vllm:prompt_tokens_total"),
+        ("  of them from prefix cache", "vllm:prefix_cache_hits_total"),
+    ):
+        row(label, [c(s, key) for s in sides], fmt)

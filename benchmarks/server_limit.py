@@ -38,6 +38,7 @@ from pathlib import Path
 from _shared import (
     bench_prompts,
     child_job,
+    counter_rows,
     measured_side,
     server_recipe,
     vllm_server,
@@ -181,18 +182,7 @@ def print_size(n: int, runs: dict[str, list[dict]], args) -> None:
         ],
         "{:18d}",
     )
-    row("vLLM requests", [c(s, "vllm:request_success_total") for s in sides], "{:18d}")
-    row(
-        "  of them cut at max_tokens",
-        [c(s, "vllm:request_success_total{finished_reason=length}") for s in sides],
-        "{:18d}",
-    )
-    row("prompt tokens", [c(s, "vllm:prompt_tokens_total") for s in sides], "{:18d}")
-    row(
-        "  of them from prefix cache",
-        [c(s, "vllm:prefix_cache_hits_total") for s in sides],
-        "{:18d}",
-    )
+    counter_rows(row, {s: best[s]["server"] for s in sides}, sides, "{:18d}")
     row("generated tokens", [gen[s] for s in sides], "{:18d}")
     tps = {s: gen[s] / best[s]["run_s"] for s in sides}
     row("generated tok/s (work time)", [tps[s] for s in sides], "{:18.1f}")

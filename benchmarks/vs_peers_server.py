@@ -73,6 +73,7 @@ from pathlib import Path
 from _shared import (
     bench_prompts,
     child_job,
+    counter_rows,
     measured_side,
     server_recipe,
     vllm_server,
@@ -381,18 +382,7 @@ def print_size(n: int, runs: dict[str, list[dict]], counter: PromptCounter | Non
     row("imports (s)", [best[s]["import_s"] for s in sides])
     row("HTTP chat requests", [http_chat(srv[s])[0] for s in sides], "{:14d}")
     row("HTTP chat requests refused", [http_chat(srv[s])[1] for s in sides], "{:14d}")
-    row("vLLM requests", [c(s, "vllm:request_success_total") for s in sides], "{:14d}")
-    row(
-        "  of them cut at max_tokens",
-        [c(s, "vllm:request_success_total{finished_reason=length}") for s in sides],
-        "{:14d}",
-    )
-    row("prompt tokens", [c(s, "vllm:prompt_tokens_total") for s in sides], "{:14d}")
-    row(
-        "  of them from prefix cache",
-        [c(s, "vllm:prefix_cache_hits_total") for s in sides],
-        "{:14d}",
-    )
+    counter_rows(row, srv, sides, "{:14d}")
     row("generated tokens", [gen[s] for s in sides], "{:14d}")
     row("generated tok/s (work call)", [gen[s] / best[s]["run_s"] for s in sides], "{:14.1f}")
     row("generated tok/s (process wall)", [gen[s] / best[s]["wall_s"] for s in sides], "{:14.1f}")
