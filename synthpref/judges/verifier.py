@@ -21,9 +21,10 @@ was compared with, per-test outcomes and error text), ``model`` None. A check th
 silent 0. Verifiers combine with model judges in a ``jury`` (``method: lexicographic`` puts
 correctness first and lets a rubric break ties) and run in ``eval-judges`` like any judge.
 
-Stages that construct pairs (``inject_errors``, ``refine``, ``self_correct``) check new texts with an
-earlier verifier stage through :meth:`Verifier.verify`, and record the result as that verifier's
-judgment (:meth:`Verifier.judgment`), so the pair builder reads one judge's scores for every text.
+Stages that construct pairs (``inject_errors``, ``self_correct``) check new texts by running an earlier
+verifier stage on them (:meth:`synthpref.stages.constructed.JudgedConstruction.rejudge_all`), so its
+judgments of those texts land under its name and the pair builder reads one judge's scores for
+every text.
 """
 
 from __future__ import annotations
@@ -119,21 +120,6 @@ class Verifier(Stage):
             except PackageNotFoundError:
                 out[lib] = None
         return {"libraries": out}
-
-    async def verify(self, record: Record, texts: list[str]) -> list[Check]:
-        """Check ``texts`` as responses to ``record``'s prompt (a record that cannot be checked:
-        every text gets a failed check with the reason)."""
-        try:
-            spec = self.spec(record)
-        except Skip as skip:
-            return [_skipped(skip) for _ in texts]
-        return await run_all(
-            type(self).check_fn,
-            [(spec, t) for t in texts],
-            execution=self.execution,
-            workers=self.params.workers,
-            died=_died,
-        )
 
     def judgment(self, candidate: Candidate, check: Check) -> Judgment:
         """The judgment recording ``check`` for ``candidate``, counted in this stage's counters."""

@@ -76,8 +76,8 @@ class JudgedConstruction(Stage):
     """Base of a stage that constructs candidates and has an earlier judge stage confirm them.
 
     ``params.judge`` (the field :attr:`judge_field` names) names that judge. At :meth:`bind` the
-    stage keeps the judge's type, parameters and folder; :meth:`rejudge` runs a fresh instance of it
-    on new candidates of a record, with this stage's models (the judge's models join
+    stage keeps the judge's type, parameters and folder; :meth:`rejudge_all` runs a fresh instance of it
+    on new candidates of a shard's records, with this stage's models (the judge's models join
     :meth:`models_used`, so they are in this stage's context, fingerprint and requirements), and
     returns the judgments the judge wrote, under the judge's name."""
 
@@ -130,10 +130,6 @@ class JudgedConstruction(Stage):
                 "extra": judge.fingerprint(),
             }
         }
-
-    async def rejudge(self, record, candidates: list[Candidate]):
-        """The named judge's judgments of ``candidates`` as answers to ``record``'s prompt."""
-        return (await self.rejudge_all([(record, candidates)]))[0]
 
     async def rejudge_all(self, groups) -> list:
         """For each ``(record, candidates)``, in order, the named judge's judgments of those

@@ -95,7 +95,7 @@ class Exclaim(JudgedConstruction):
                 self.name,
                 Origin(operation="test", parent=parent.id, prefer="parent", stage=self.name),
             )
-            judged = await self.rejudge(record, [child])
+            (judged,) = await self.rejudge_all([(record, [child])])
             if judged and judged[0].score == 0.0:
                 record.candidates.append(child)
                 record.judgments.extend(judged)
