@@ -453,15 +453,23 @@ class OpenAIBackend(Backend):
     ) -> GenerationResult:
         """Request ``i`` through ``send`` (one chat or completions call), or as ``n`` single
         requests on a server that takes no ``n > 1``. While that is unknown, the first such request
-        of a call asks alone under ``probe`` and the others wait for its answer, so a server that
-        rejects n answers 400 once per call, not once per request in flight."""
+        of a call sends a one-token copy of itself under ``probe`` and the others wait for that
+        answer, so a server that rejects n answers 400 once per call, not once per request in
+        flight, and a server that takes n holds the others back for one prefill, not for a whole
+        reply."""
+        probed = None
         if req.params.n > 1 and self.supports_n is None:
             async with probe:
                 if self.supports_n is None:
-                    return await self._probe_n(client, i, req, send)
+                    probed = await self._probe_n(client, i, req, send)
         if req.params.n > 1 and self.supports_n is False:
             return await self._split(client, i, req, send)
-        return await send(client, i, req)
+        result = await send(client, i, req)
+        if probed is not None and probed.usage is not None:  # the probe was billed too
+            result = result.model_copy(
+                update={"usage": _sum_usage([result.billed(), probed.usage])}
+            )
+        return result
 
     async def _chat(self, client: AsyncOpenAI, i: int, req: GenerationRequest) -> GenerationResult:
         """Request ``i`` as one chat completion call."""
@@ -477,10 +485,13 @@ class OpenAIBackend(Backend):
 
     async def _probe_n(
         self, client: AsyncOpenAI, i: int, req: R, send: Send[R]
-    ) -> GenerationResult:
-        """Ask with ``n > 1`` once; a 400 about ``n`` marks this backend as splitting from now on."""
+    ) -> GenerationResult | None:
+        """Ask with ``n > 1`` and ``max_tokens: 1`` once and set ``supports_n`` from the answer: a
+        400 about ``n`` marks this backend as splitting from now on. Returns the probe's result when
+        the server took it (its usage is billed), None when it refused."""
+        one = req.model_copy(update={"params": req.params.model_copy(update={"max_tokens": 1})})
         try:
-            result = await send(client, i, req)
+            result = await send(client, i, one)
         except BackendError as err:
             if not rejects_n(err.__cause__):
                 raise
@@ -491,7 +502,7 @@ class OpenAIBackend(Backend):
                 _server_message(err.__cause__),
             )
             self.supports_n = False
-            return await self._split(client, i, req, send)
+            return None
         self.supports_n = True
         return result
 
@@ -521,13 +532,7 @@ class OpenAIBackend(Backend):
         parts = await self._run_all(len(singles), lambda k: send(client, i, singles[k]), None)
         usage = None
         if any(part.usage is not None for part in parts):
-            billed = [part.billed() for part in parts]
-            usage = Usage(
-                input_tokens=sum(u.input_tokens for u in billed),
-                cached_input_tokens=sum(u.cached_input_tokens for u in billed),
-                cache_write_tokens=sum(u.cache_write_tokens for u in billed),
-                output_tokens=sum(u.output_tokens for u in billed),
-            )
+            usage = _sum_usage([part.billed() for part in parts])
         return GenerationResult(
             completions=[part.completions[0] for part in parts],
             prompt_tokens=parts[0].prompt_tokens,
@@ -903,6 +908,15 @@ class OpenAIBackend(Backend):
                 )
             return msg
         return f"request {i} to {self.where} failed{tries}: {_describe(exc)}"
+
+
+def _sum_usage(parts: list[Usage]) -> Usage:
+    return Usage(
+        input_tokens=sum(u.input_tokens for u in parts),
+        cached_input_tokens=sum(u.cached_input_tokens for u in parts),
+        cache_write_tokens=sum(u.cache_write_tokens for u in parts),
+        output_tokens=sum(u.output_tokens for u in parts),
+    )
 
 
 def _billed(usage: Any, completions: list[Completion]) -> Usage | None:

@@ -319,7 +319,8 @@ def test_openai_sends_token_ids_and_the_sampling_params(embedded_dir, tokenizer)
                 on_result=lambda i, r: reported.append(i),
             )
         )
-    ((path, body),) = server.requests
+    probe, (path, body) = server.requests  # n > 1 on a new server: a one-token probe first
+    assert probe[1]["max_tokens"] == 1 and probe[1]["n"] == 2
     assert path.endswith("/v1/completions")
     assert body["prompt"] == ids  # as tokenized here, no BOS added
     assert {k: body[k] for k in ("n", "temperature", "top_p", "max_tokens", "seed", "stop")} == {
@@ -334,7 +335,8 @@ def test_openai_sends_token_ids_and_the_sampling_params(embedded_dir, tokenizer)
     assert [c.text for c in result.completions] == ["a b", "c"]
     assert [c.finish_reason for c in result.completions] == ["stop", "length"]
     assert result.prompt_tokens == len(ids)
-    assert result.usage == Usage(input_tokens=len(ids), output_tokens=5)
+    # the probe was billed too (the fake server reports the same usage for it)
+    assert result.usage == Usage(input_tokens=2 * len(ids), output_tokens=10)
 
 
 def test_openai_completion_without_usage_counts_with_the_local_tokenizer(embedded_dir):

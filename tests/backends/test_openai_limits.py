@@ -266,8 +266,29 @@ def test_a_server_that_takes_n_is_asked_once_per_request():
         backend = scripted(server)
         results = asyncio.run(backend.generate([ask("a", n=2), ask("b", n=3), ask("c")]))
     assert [len(r.completions) for r in results] == [2, 3, 1]
-    assert sorted(b["n"] for _, b in server.requests) == [1, 2, 3]
+    # the first n > 1 request was probed once, with a one-token copy of itself
+    probe, *rest = server.requests
+    assert probe[1]["n"] == 2 and probe[1]["max_completion_tokens"] == 1
+    assert sorted(b["n"] for _, b in rest) == [1, 2, 3]
+    assert all(b["max_completion_tokens"] > 1 for _, b in rest)
     assert backend.supports_n is True
+
+
+def test_the_probe_asks_for_one_token_and_its_usage_is_billed():
+    """The probe is a one-token copy of the first n > 1 request, so the requests waiting on it are
+    held back for a prefill, not for a whole reply; what the server billed for it is added to that
+    request's usage."""
+
+    def takes_n(path, body):
+        return chat_reply([f"s{k}" for k in range(body.get("n", 1))])  # 10 prompt tokens each
+
+    with FakeServer(takes_n) as server:
+        backend = scripted(server)
+        results = asyncio.run(backend.generate([ask(str(k), n=2) for k in range(3)]))
+    sizes = [b["max_completion_tokens"] for _, b in server.requests]
+    assert sizes[0] == 1 and sizes.count(1) == 1 and len(sizes) == 4
+    assert sorted(r.usage.input_tokens for r in results) == [10, 10, 20]
+    assert sorted(r.usage.output_tokens for r in results) == [2, 2, 4]
 
 
 def test_without_a_param_the_message_is_read_but_a_param_always_decides():
