@@ -74,7 +74,8 @@ def run(
 
     ``executor="ray"`` spreads shards over Ray actors (``pip install 'synthpref[ray]'``): ``address``
     of an existing cluster (``"auto"``, ``"ray://host:10001"``; default: start a local one) and
-    ``workers``, the number of model replicas (default: one per GPU, else one per node).
+    ``workers``, the most model replicas per stage group (default: as many as the placement plan
+    fits, docs/ray.md).
     ``batch_wait`` overrides ``settings.batch.wait`` (``mode: batch`` models)."""
     from rich.console import Console
 

@@ -11,6 +11,24 @@ from synthpref.backends.embedded import EMBEDDED_MODEL_NAME as EMBEDDED_MODEL
 from synthpref.backends.specs import VOLATILE, ModelSpec
 
 
+def gpus_field(unset: str) -> Any:
+    """The ``gpus`` field of local-weight specs: placement only, so volatile (never changes a row)."""
+    return Field(
+        None,
+        ge=0,
+        json_schema_extra=VOLATILE,
+        description="GPUs one copy of the model holds under the Ray executor (docs/ray.md); a "
+        "fraction below 1 lets small models share a GPU, above 1 a whole number; unset: " + unset,
+    )
+
+
+def check_gpus(gpus: float | None) -> float | None:
+    """Ray reserves GPUs in whole units above one (a fraction of one GPU, or n of them)."""
+    if gpus is not None and gpus > 1 and gpus != int(gpus):
+        raise ValueError(f"gpus: {gpus} is not possible: above 1, a model holds whole GPUs")
+    return gpus
+
+
 class TransformersSpec(ModelSpec):
     """A Hugging Face causal LM from a local directory (or a hub id when the hub is reachable), or
     with ``task: reward`` a sequence-classification reward model."""
@@ -43,6 +61,37 @@ class TransformersSpec(ModelSpec):
     trust_remote_code: bool = Field(
         False, description="run the model repository's own Python code (only for repos you trust)"
     )
+    gpus: float | None = gpus_field(
+        "1, or 0 with device: cpu; above 1 the layers are spread over that many GPUs "
+        '(device_map="auto")'
+    )
+
+    @field_validator("gpus")
+    @classmethod
+    def _whole_gpus(cls, gpus: float | None) -> float | None:
+        return check_gpus(gpus)
+
+    @model_validator(mode="after")
+    def _gpus_on_a_gpu(self) -> TransformersSpec:
+        """GPUs reserved for a model pinned to the CPU would sit idle while other work waits."""
+        if self.gpus and self.device.startswith("cpu"):
+            raise ValueError(
+                f"gpus: {self.gpus:g} with device: {self.device}: a model on the CPU holds no GPU; "
+                "remove gpus, or set device: auto"
+            )
+        return self
+
+    def gpus_needed(self) -> float:
+        if self.gpus is not None:
+            return self.gpus
+        return 0.0 if self.device.startswith("cpu") else 1.0
+
+    def placed(self, *, gpu: int | None = None, **_: Any) -> TransformersSpec:
+        """This spec on local GPU ``gpu`` of a Ray replica that holds several models' GPUs, so two
+        models do not both land on its first one; a device the recipe names is left alone."""
+        if gpu is None or self.device not in ("auto", "cuda"):
+            return self
+        return self.model_copy(update={"device": f"cuda:{gpu}"})
 
     @model_validator(mode="after")
     def _a_reward_model(self) -> TransformersSpec:
@@ -79,6 +128,7 @@ class TransformersSpec(ModelSpec):
                 TransformersBackend as backend_class,
             )
 
+        spread = int(self.gpus_needed())
         return backend_class(
             self._path(),
             identity=self.identity(),
@@ -87,6 +137,7 @@ class TransformersSpec(ModelSpec):
             batch_size=self.batch_size,
             max_context=self.max_context,
             trust_remote_code=self.trust_remote_code,
+            **({"n_devices": spread} if spread > 1 else {}),
         )
 
     def capabilities(self) -> frozenset[str]:
@@ -106,6 +157,7 @@ class EmbeddedSpec(TransformersSpec):
     backend_name: ClassVar[str] = "embedded"
     backend: Literal["embedded"] = "embedded"  # type: ignore[assignment]
     model: str = Field(EMBEDDED_MODEL, description="always the embedded model; leave it out")
+    gpus: float | None = gpus_field("0, SmolLM2 runs on the CPU")
 
     @field_validator("model")
     @classmethod
@@ -129,6 +181,10 @@ class EmbeddedSpec(TransformersSpec):
                 "reward model directory"
             )
         return task
+
+    def gpus_needed(self) -> float:
+        """SmolLM2 runs on the CPU unless the recipe gives it ``gpus``."""
+        return self.gpus or 0.0
 
     def _path(self) -> str:
         from synthpref.backends.embedded import embedded_model_dir

@@ -61,6 +61,12 @@ class ModelSpec(BaseModel):
         """What the built backend will support, known without loading weights or connecting."""
         raise NotImplementedError
 
+    def gpus_needed(self) -> float:
+        """GPUs one copy of this model holds, for the Ray executor's placement
+        (``executor/placement.py``): 0 (the default) for a model that runs on CPU or behind an API,
+        so a recipe of such models never waits for a GPU; local-weight specs override it."""
+        return 0.0
+
     def backend_key(self) -> str:
         """Specs with equal keys share one backend object (and so one copy of the weights)."""
         return self.model_dump_json(exclude={"system_prompt"})

@@ -63,8 +63,21 @@ def device_lock(device: str) -> threading.Lock:
     return _DEVICE_LOCKS.setdefault(device, threading.Lock())
 
 
+def spread_over(device: str, n_devices: int) -> dict:
+    """``from_pretrained`` arguments that spread a model's layers over ``n_devices`` GPUs starting
+    at ``device`` (``gpus`` > 1), leaving a Ray replica's other GPUs to its other models."""
+    import torch
+
+    first = torch.device(device).index or 0
+    gpus = range(first, first + n_devices)
+    memory = {i: torch.cuda.get_device_properties(i).total_memory for i in gpus}
+    return {"device_map": "auto", "max_memory": memory}
+
+
 @lru_cache(maxsize=8)
-def load_model(path: str, device: str, dtype: str, trust_remote_code: bool = False):
+def load_model(
+    path: str, device: str, dtype: str, trust_remote_code: bool = False, n_devices: int = 1
+):
     """Load weights once per process: stages that share a model share this object."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,10 +86,13 @@ def load_model(path: str, device: str, dtype: str, trust_remote_code: bool = Fal
     hf_logging.disable_progress_bar()  # synthpref draws its own progress; a second bar garbles it
     torch_dtype = getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    spread = spread_over(device, n_devices) if n_devices > 1 else {}
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **spread
     )
-    model.to(device).eval()
+    if not spread:
+        model.to(device)
+    model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -147,8 +163,10 @@ class LocalModelBackend(Backend):
         batch_size: int = 32,
         max_context: int | None = None,
         trust_remote_code: bool = False,
+        n_devices: int = 1,
     ) -> None:
         self.model_path = model_path
+        self.n_devices = n_devices  # > 1: layers spread over GPUs device.. (inputs go to device)
         self.device = resolve_device(device)
         self.dtype = (
             dtype
@@ -190,11 +208,11 @@ class TransformersBackend(LocalModelBackend):
 
     @property
     def model(self):
-        return load_model(self.model_path, self.device, self.dtype, self._trust)[0]
+        return load_model(self.model_path, self.device, self.dtype, self._trust, self.n_devices)[0]
 
     @property
     def tokenizer(self):
-        return load_model(self.model_path, self.device, self.dtype, self._trust)[1]
+        return load_model(self.model_path, self.device, self.dtype, self._trust, self.n_devices)[1]
 
     @property
     def context_window(self) -> int:

@@ -36,6 +36,7 @@ from synthpref.backends.transformers_backend import (
     LocalModelBackend,
     _release_freed_memory,
     even_chunks,
+    spread_over,
 )
 from synthpref.backends.turns import chat_ids, fit_request
 from synthpref.backends.types import (
@@ -85,8 +86,11 @@ def check_reward_config(path: str) -> None:
 
 
 @lru_cache(maxsize=4)
-def load_reward_model(path: str, device: str, dtype: str, trust_remote_code: bool = False):
-    """(model, tokenizer), once per process; refuses what is not a trained reward model."""
+def load_reward_model(
+    path: str, device: str, dtype: str, trust_remote_code: bool = False, n_devices: int = 1
+):
+    """(model, tokenizer), once per process; refuses what is not a trained reward model.
+    ``n_devices`` > 1: the layers spread over that many GPUs from ``device`` (``gpus`` on Ray)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -94,6 +98,7 @@ def load_reward_model(path: str, device: str, dtype: str, trust_remote_code: boo
     hf_logging.disable_progress_bar()  # synthpref draws its own progress
     check_reward_config(path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    spread = spread_over(device, n_devices) if n_devices > 1 else {}
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path,
@@ -103,6 +108,7 @@ def load_reward_model(path: str, device: str, dtype: str, trust_remote_code: boo
             # a mismatched head is reported in `info` (and refused below) rather than raised
             # as a bare RuntimeError that does not say what was expected
             ignore_mismatched_sizes=True,
+            **spread,
         )
     except ValueError as exc:  # no sequence-classification class for this config
         raise RewardModelError(f"{path} cannot be loaded as {_EXPECTED}: {exc}") from exc
@@ -127,7 +133,9 @@ def load_reward_model(path: str, device: str, dtype: str, trust_remote_code: boo
             f"{path}: the tokenizer has no chat template, so conversations cannot be rendered the "
             f"way the reward model was trained to read them; expected {_EXPECTED} and its template"
         )
-    model.to(device).eval()
+    if not spread:
+        model.to(device)
+    model.eval()
     return model, tokenizer
 
 
@@ -154,7 +162,9 @@ class TransformersRewardBackend(LocalModelBackend):
         super().__init__(model_path, **settings)
 
     def _loaded(self):
-        return load_reward_model(self.model_path, self.device, self.dtype, self._trust)
+        return load_reward_model(
+            self.model_path, self.device, self.dtype, self._trust, self.n_devices
+        )
 
     @property
     def model(self):

