@@ -52,16 +52,28 @@ class RowSampler(LogitsProcessor):
             raise ValueError(
                 f"RowSampler has {len(self.generators)} generators for {scores.shape[0]} rows"
             )
-        probs = self.warpers(input_ids, scores).float().softmax(-1)
-        cdf = probs.cumsum(-1)
-        # one uniform in (0, 1] per row: inverse-CDF sampling never lands on a zero-probability token
-        u = torch.stack([1 - torch.rand((), generator=g, device=g.device) for g in self.generators])
-        tokens = (
-            (cdf < u.to(cdf.device)[:, None] * cdf[:, -1:]).sum(-1).clamp(max=scores.shape[1] - 1)
-        )
+        tokens = _inverse_cdf(self.warpers(input_ids, scores), self.generators)
         forced = torch.full_like(scores, float("-inf"))
         forced[torch.arange(scores.shape[0], device=scores.device), tokens] = 0.0
         return forced
+
+
+def draw_tokens(
+    logits: torch.Tensor, generators: Sequence[torch.Generator], temperature: float, top_p: float
+) -> torch.Tensor:
+    """One token per row of ``logits`` [rows, vocab], drawn exactly as :class:`RowSampler` draws
+    it inside ``generate`` (the continuous-batching loop samples through this)."""
+    return _inverse_cdf(
+        RowSampler(generators, temperature, top_p).warpers(None, logits), generators
+    )
+
+
+def _inverse_cdf(scores: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    probs = scores.float().softmax(-1)
+    cdf = probs.cumsum(-1)
+    # one uniform in (0, 1] per row: inverse-CDF sampling never lands on a zero-probability token
+    u = torch.stack([1 - torch.rand((), generator=g, device=g.device) for g in generators])
+    return (cdf < u.to(cdf.device)[:, None] * cdf[:, -1:]).sum(-1).clamp(max=scores.shape[1] - 1)
 
 
 def row_generators(

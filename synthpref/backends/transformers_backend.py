@@ -28,7 +28,7 @@ import asyncio
 import ctypes
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, ClassVar
 
@@ -205,6 +205,9 @@ class TransformersBackend(LocalModelBackend):
     prefix_sharing: bool = True
     #: shortest shared prefix (tokens) worth a separate prefix pass
     min_shared_prefix: int = 16
+    #: generate through ``decode_loop`` (rows leave the batch as they end, waiting rows join);
+    #: False: ``model.generate`` on fixed batches (set on models whose cache cannot be stacked)
+    continuous_batching: bool = True
 
     @property
     def model(self):
@@ -265,14 +268,38 @@ class TransformersBackend(LocalModelBackend):
         raw: bool,
     ) -> list[GenerationResult]:
         results: list[GenerationResult | None] = [None] * len(requests)
-        for batch in self._plan_generation(requests, ids):
-            outs = await asyncio.to_thread(
-                self._generate_batch, [requests[i] for i in batch], [ids[i] for i in batch], raw
-            )
-            for i, out in zip(batch, outs, strict=True):
-                results[i] = out
-                if on_result:
-                    on_result(i, out)
+        loop = asyncio.get_running_loop()
+
+        def report(i: int, out: GenerationResult) -> None:
+            """Called from the generating thread as each request ends; reported on the loop."""
+            results[i] = out
+            if on_result:
+                loop.call_soon_threadsafe(on_result, i, out)
+
+        for group in self._plan_generation(requests, ids):
+            if self.continuous_batching:
+                try:
+                    await asyncio.to_thread(
+                        self._generate_continuous, requests, ids, group, raw, report
+                    )
+                    continue
+                except Exception as exc:  # a cache the loop cannot stack, or a model it cannot run
+                    log.warning(
+                        "continuous batching failed on %s (%s: %s); generating with model.generate",
+                        self.model_path,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    self.continuous_batching = False
+                group = [i for i in group if results[i] is None]
+            per = max(1, self.batch_size // requests[group[0]].params.n)
+            for batch in even_chunks(group, per):
+                outs = await asyncio.to_thread(
+                    self._generate_batch, [requests[i] for i in batch], [ids[i] for i in batch], raw
+                )
+                for i, out in zip(batch, outs, strict=True):
+                    report(i, out)
+        await asyncio.sleep(0)  # let the last reports scheduled from the thread run
         return results  # type: ignore[return-value]
 
     def _plan_generation(
@@ -280,16 +307,67 @@ class TransformersBackend(LocalModelBackend):
         requests: Sequence[GenerationRequest | CompletionRequest],
         ids: Sequence[list[int]],
     ) -> list[list[int]]:
+        """Requests grouped by sampling parameters, each group sorted by prompt length (rows that
+        start together pad little)."""
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             key = r.params.model_copy(update={"seed": None}).model_dump_json() + str(_top_k(r))
             groups.setdefault(key, []).append(i)
-        batches = []
-        for key in sorted(groups):
-            idx = sorted(groups[key], key=lambda i: (len(ids[i]), requests[i].cache_key("")))
-            per = max(1, self.batch_size // requests[idx[0]].params.n)
-            batches += even_chunks(idx, per)
-        return batches
+        return [
+            sorted(groups[key], key=lambda i: (len(ids[i]), requests[i].cache_key("")))
+            for key in sorted(groups)
+        ]
+
+    def _generate_continuous(
+        self,
+        requests: Sequence[GenerationRequest | CompletionRequest],
+        ids: list[list[int]],
+        group: list[int],
+        raw: bool,
+        report: Callable[[int, GenerationResult], None],
+    ) -> None:
+        """One group of requests through :class:`~synthpref.backends.decode_loop.DecodeLoop`."""
+        import torch
+
+        from synthpref.backends.decode_loop import DecodeLoop, Settings
+        from synthpref.backends.row_sampling import row_generators
+
+        first = requests[group[0]]
+        params, top_k = first.params, _top_k(first)
+        settings = Settings(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            stop_ids=frozenset(self.stop_ids),
+            stop_strings=tuple(params.stop),
+            top_k=top_k,
+            max_rows=max(self.batch_size, params.n),
+            refill_at=max(params.n, self.batch_size // 4),
+        )
+        batch = [requests[i] for i in group]
+        gens = (
+            row_generators(batch, self.identity, params.n, self.device)
+            if params.temperature
+            else [None] * (len(batch) * params.n)
+        )
+        stop_ids = self.stop_ids
+
+        def done(b: int, rows) -> None:
+            req = batch[b]
+            completions = []
+            for row in sorted(rows, key=lambda r: r.sample):
+                top = ([v for v, _ in row.top], [i for _, i in row.top]) if top_k else None
+                completions.append(self._completion(row.tokens, stop_ids, req, top, raw))
+            result = GenerationResult(completions=completions, prompt_tokens=len(ids[group[b]]))
+            report(group[b], result)
+
+        with self._lock, torch.inference_mode():
+            loop = DecodeLoop(self.model, settings, self._generation_inputs, self.tokenizer)
+            try:
+                loop.run([ids[i] for i in group], params.n, gens, done)
+            finally:
+                del loop
+                _release_freed_memory()
 
     def _generate_batch(
         self,
@@ -354,7 +432,8 @@ class TransformersBackend(LocalModelBackend):
             completions = []
             for s in range(params.n):
                 row = bi * params.n + s
-                completions.append(self._completion(new[row], stop_ids, req, top, row, raw))
+                mine = (top[0][row], top[1][row]) if top else None
+                completions.append(self._completion(new[row], stop_ids, req, mine, raw))
             results.append(GenerationResult(completions=completions, prompt_tokens=len(ids[bi])))
         _release_freed_memory()
         return results
@@ -397,9 +476,10 @@ class TransformersBackend(LocalModelBackend):
             inputs["past_key_values"] = cache
         return inputs
 
-    def _completion(self, ids, stop_ids, req, top_k, row, raw: bool = False) -> Completion:
+    def _completion(self, ids, stop_ids, req, top_k, raw: bool = False) -> Completion:
         """One row's tokens as a completion: cut after the first of ``stop_ids``, then at the
-        first stop string; the reasoning split off unless ``raw``."""
+        first stop string; the reasoning split off unless ``raw``. ``top_k``: the row's top
+        log-probabilities and token ids per step, or None."""
         tok = self.tokenizer
         finish = "length"
         end = len(ids)
@@ -414,7 +494,7 @@ class TransformersBackend(LocalModelBackend):
                 text, finish = text[:pos], "stop"
         top = None
         if top_k is not None:
-            vals, idx = top_k[0][row], top_k[1][row]
+            vals, idx = top_k
             top = [
                 {tok.decode([i]): v for v, i in zip(vals[k], idx[k], strict=True)}
                 for k in range(end)

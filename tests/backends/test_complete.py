@@ -173,8 +173,8 @@ def test_raw_text_keeps_think_blocks_that_chat_splits_off(backend):
     tok = backend.tokenizer
     ids = tok("<think>hmm</think>Paris.", add_special_tokens=False).input_ids
     req = CompletionRequest(prompt="x", params=GREEDY)
-    raw = backend._completion(ids, {2}, req, None, 0, raw=True)
-    chat = backend._completion(ids, {2}, req, None, 0, raw=False)
+    raw = backend._completion(ids, {2}, req, None, raw=True)
+    chat = backend._completion(ids, {2}, req, None, raw=False)
     assert raw.text == "<think>hmm</think>Paris." and raw.reasoning is None
     assert chat.text == "Paris." and chat.reasoning == "hmm"
 

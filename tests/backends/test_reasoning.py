@@ -93,7 +93,7 @@ def test_transformers_completion_keeps_reasoning_apart(ids, answer, reasoning, f
         tokenizer = _Tokenizer(["<think>", "Add.", "</think>\n", "Four."])  # type: ignore[assignment]
 
     req = GenerationRequest(messages=[Message(role="user", content="2+2?")])
-    got = Fake._completion(object.__new__(Fake), ids, {99}, req, None, 0)
+    got = Fake._completion(object.__new__(Fake), ids, {99}, req, None)
     assert (got.text, got.reasoning, got.finish_reason) == (answer, reasoning, finish)
     assert got.completion_tokens == len(ids)  # the reasoning's tokens are still counted
 

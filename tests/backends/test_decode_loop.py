@@ -1,0 +1,148 @@
+"""Continuous batching (``decode_loop.py``) on the embedded model: what each row generates equals an
+independent computation, rows leave the batch as they end and join it while others run, and a model
+whose cache cannot be stacked falls back to ``model.generate``."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from synthpref.backends import decode_loop
+from synthpref.backends.transformers_backend import TransformersBackend
+from synthpref.backends.types import GenerationRequest, SamplingParams
+from synthpref.records import Message
+
+#: prompts of very different lengths, so rows join a batch whose cache is longer or shorter
+QUESTIONS = [
+    "Hi.",
+    "Name a primary colour.",
+    "Explain in detail, step by step, how a bicycle's gears make climbing a steep hill easier.",
+    "What is 3 + 4?",
+    "Write two sentences about the sea, then one about the mountains, then stop.",
+    "Say hello in French.",
+]
+
+
+@pytest.fixture(scope="module")
+def backend(embedded_dir):
+    return TransformersBackend(str(embedded_dir), batch_size=3)  # 6 requests: rows must join
+
+
+def _requests(params: SamplingParams, top_logprobs: int = 0) -> list[GenerationRequest]:
+    return [
+        GenerationRequest(
+            messages=[Message(role="user", content=q)], params=params, top_logprobs=top_logprobs
+        )
+        for q in QUESTIONS
+    ]
+
+
+def _generate(backend, requests, continuous: bool):
+    backend.continuous_batching = continuous
+    try:
+        return asyncio.run(backend.generate(requests))
+    finally:
+        del backend.continuous_batching
+
+
+def test_greedy_rows_equal_each_prompt_generated_alone(backend):
+    """Independent computation: ``model.generate`` on each prompt alone (batch of one, no padding,
+    no other rows), greedy, stopping at the same stop ids."""
+    requests = _requests(SamplingParams(temperature=0, max_tokens=24))
+    results = _generate(backend, requests, continuous=True)
+    tok, model = backend.tokenizer, backend.model
+    for req, result in zip(requests, results, strict=True):
+        ids = tok(backend.render_prompt(req), add_special_tokens=False, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(
+                **ids,
+                max_new_tokens=24,
+                do_sample=False,
+                eos_token_id=sorted(backend.stop_ids),
+                pad_token_id=tok.pad_token_id,
+            )
+        alone = out[0, ids.input_ids.shape[1] :].tolist()
+        if alone[-1] in backend.stop_ids:
+            alone = alone[: alone.index(alone[-1]) + 1]
+        assert result.completions[0].completion_tokens == len(alone)
+        assert result.completions[0].text == tok.decode(alone, skip_special_tokens=True)
+
+
+def test_sampled_rows_equal_the_fixed_batch_path(backend):
+    """Each sample draws from its own seeded stream, so the running batch around it changes
+    nothing: n=2 samples with a stop string read as on fixed ``model.generate`` batches."""
+    params = SamplingParams(n=2, temperature=1.0, top_p=0.9, max_tokens=20, seed=5, stop=["."])
+    requests = _requests(params)
+    fixed = _generate(backend, requests, continuous=False)
+    running = _generate(backend, requests, continuous=True)
+    for a, b in zip(fixed, running, strict=True):
+        assert [c.text for c in a.completions] == [c.text for c in b.completions]
+        assert [c.finish_reason for c in a.completions] == [c.finish_reason for c in b.completions]
+        assert a.prompt_tokens == b.prompt_tokens
+
+
+def test_top_logprobs_equal_the_fixed_batch_path(backend):
+    requests = _requests(SamplingParams(temperature=0, max_tokens=6), top_logprobs=3)
+    fixed = _generate(backend, requests, continuous=False)
+    running = _generate(backend, requests, continuous=True)
+    for a, b in zip(fixed, running, strict=True):
+        ca, cb = a.completions[0], b.completions[0]
+        assert ca.text == cb.text and len(ca.top_logprobs) == len(cb.top_logprobs)
+        for x, y in zip(ca.top_logprobs, cb.top_logprobs, strict=True):
+            assert x.keys() == y.keys()
+            for token in x:
+                assert x[token] == pytest.approx(y[token], abs=1e-4)
+
+
+def test_rows_leave_when_they_end_and_waiting_rows_join(backend, monkeypatch):
+    """Every decode step computes only rows still generating: the rows fed to the model over all
+    steps add up to the tokens generated after each row's first (which its prefill drew), and no
+    step ever holds more rows than ``batch_size``."""
+    steps: list[int] = []
+    joins: list[int] = []
+    step, join = decode_loop.DecodeLoop._step, decode_loop.DecodeLoop._join
+
+    def counted_step(self):
+        steps.append(len(self.rows))
+        assert len(self.rows) <= self.s.max_rows
+        return step(self)
+
+    def counted_join(self, new, prompts, n):
+        joins.append(len(self.rows))  # rows already running when these join
+        return join(self, new, prompts, n)
+
+    monkeypatch.setattr(decode_loop.DecodeLoop, "_step", counted_step)
+    monkeypatch.setattr(decode_loop.DecodeLoop, "_join", counted_join)
+    # replies end at their first full stop, at different steps
+    params = SamplingParams(temperature=0, max_tokens=24, stop=["."])
+    results = _generate(backend, _requests(params), True)
+    generated = [r.completions[0].completion_tokens for r in results]
+    assert sum(steps) == sum(g - 1 for g in generated)
+    assert max(steps) <= 3 and len(joins) >= 2
+    assert any(running > 0 for running in joins), "no row joined a running batch"
+
+
+def test_a_cache_that_cannot_be_stacked_falls_back_to_model_generate(backend, monkeypatch):
+    requests = _requests(SamplingParams(n=2, temperature=0.7, max_tokens=8, seed=1))
+    fixed = _generate(backend, requests, continuous=False)
+    monkeypatch.setattr(decode_loop, "stackable", lambda cache: False)
+    backend.continuous_batching = True
+    try:
+        fallen_back = asyncio.run(backend.generate(requests))
+        assert backend.continuous_batching is False  # remembered: the next call goes straight there
+    finally:
+        del backend.continuous_batching
+    assert [[c.text for c in r.completions] for r in fallen_back] == [
+        [c.text for c in r.completions] for r in fixed
+    ]
+
+
+def test_each_request_is_reported_as_it_ends(backend):
+    """Results reach ``on_result`` from the running batch one request at a time, each once."""
+    seen: list[int] = []
+    requests = _requests(SamplingParams(temperature=0, max_tokens=12))
+    results = asyncio.run(backend.generate(requests, on_result=lambda i, r: seen.append(i)))
+    assert sorted(seen) == list(range(len(requests)))
+    assert all(r is not None for r in results)
