@@ -69,8 +69,13 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg["model"])
-    gen_tokens = judge_tokens = 0
+    gen_tokens = judge_tokens = judge_prompt_tokens = 0
     n_generations = n_ratings = 0
+    # one request per prompt for its n generations, the chat template applied as TransformersLLM does
+    gen_prompt_tokens = sum(
+        len(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True))
+        for p in cfg["prompts"]
+    )
     for row in rows:
         texts = [g for g in row.get("generation") or [] if g is not None]
         n_generations += len(texts)
@@ -84,8 +89,11 @@ def main() -> None:
                     continue
                 tokens = stats.get("output_tokens") or []
                 total = sum(tokens) if isinstance(tokens, list) else int(tokens)
+                inputs = stats.get("input_tokens") or []
+                prompt = sum(inputs) if isinstance(inputs, list) else int(inputs)
                 if "ultra_feedback" in key:
                     judge_tokens += total
+                    judge_prompt_tokens += prompt
     result = {
         "run_s": run_s,
         "import_s": import_s,
@@ -94,6 +102,8 @@ def main() -> None:
         "ratings_parsed": n_ratings,
         "generation_tokens": gen_tokens,
         "judge_tokens": judge_tokens,
+        "generation_prompt_tokens": gen_prompt_tokens,
+        "judge_prompt_tokens": judge_prompt_tokens,
         "pid": os.getpid(),
     }
     with open(out_path, "w") as fh:

@@ -1,4 +1,11 @@
-"""synthpref vs distilabel 1.5.3 on the same job: N prompts x 2 candidates + one rating judge, on CPU.
+"""synthpref vs distilabel 1.5.3 on their transformers paths: N prompts x 2 candidates + one rating
+judge, in-process on CPU.
+
+What this measures: each tool's *local transformers* path. synthpref batches (continuous batching,
+``decode_loop.py``); distilabel's TransformersLLM sends its prompts through a transformers pipeline one
+at a time. The judge prompts differ too (distilabel's UltraFeedback template rates both candidates in
+one long call; synthpref's rubric frame rates each candidate): the prompt tokens each side ran are
+printed so that difference is visible. For the same work on one server, see vs_peers_server.py.
 
 The job, on both sides, with the same model files (the safetensors copy of the embedded
 SmolLM2-135M-Instruct), float32 on CPU, the same prompts and the same sampling settings:
@@ -108,6 +115,13 @@ def synthpref_job(cfg: dict, out_path: str) -> None:
             "ratings_parsed": judge.counters.get("judgments", 0) - judge.counters.get("failed", 0),
             "generation_tokens": gen.tokens,
             "judge_tokens": judge.tokens,
+            # prompt tokens once per request (a request for n samples counts its prompt once)
+            "generation_prompt_tokens": int(
+                sum(m.get("input_tokens", 0) for m in gen.models.values())
+            ),
+            "judge_prompt_tokens": int(
+                sum(m.get("input_tokens", 0) for m in judge.models.values())
+            ),
             "judge_calls": judge.calls,
             "generate_stage_s": gen.seconds,
             "judge_stage_s": judge.seconds,
@@ -180,7 +194,9 @@ def main() -> None:
     row("imports (s)", "import_s")
     row("candidates generated", "generations", "{:12d}")
     row("ratings parsed", "ratings_parsed", "{:12d}")
+    row("generation prompt tokens", "generation_prompt_tokens", "{:12d}")
     row("generation tokens", "generation_tokens", "{:12d}")
+    row("judge prompt tokens", "judge_prompt_tokens", "{:12d}")
     row("judge tokens", "judge_tokens", "{:12d}")
     for name, runs in (("synthpref", sp_runs), ("distilabel", dl_runs)):
         walls = ", ".join(f"{r['wall_s']:.2f}" for r in runs)
