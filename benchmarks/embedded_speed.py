@@ -65,7 +65,7 @@ def embedded_job(cfg: dict, out: str) -> None:
     from synthpref.backends.embedded import embedded_model_dir
     from synthpref.backends.transformers_backend import TransformersBackend
 
-    backend = TransformersBackend(str(embedded_model_dir()))
+    backend = TransformersBackend(str(embedded_model_dir()), batch_size=cfg["batch_size"])
     backend.continuous_batching = cfg["continuous"]
     backend.model  # noqa: B018 - load the weights now, inside the start-up
     startup = time.perf_counter() - t0
@@ -148,6 +148,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--repeats", type=int, default=2, help="best of N generation calls per side")
+    ap.add_argument("--batch-size", type=int, default=32, help="embedded rows per forward pass")
     ap.add_argument("--skip", nargs="*", default=[], choices=["generate", "vllm"])
     args = ap.parse_args()
     cfg = {
@@ -155,6 +156,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "repeats": args.repeats,
+        "batch_size": args.batch_size,
     }
     me = [sys.executable, __file__]
     env = dict(os.environ)
@@ -174,7 +176,8 @@ def main() -> None:
 
     print(
         f"work: {args.prompts} quickstart prompts x 2 system prompts, n=1, temperature "
-        f"{args.temperature}, top_p 1, max_tokens {args.max_tokens}; best of {args.repeats}"
+        f"{args.temperature}, top_p 1, max_tokens {args.max_tokens}; best of {args.repeats}; "
+        f"embedded batch_size {args.batch_size}"
     )
     print(
         f"{'side':26} {'start-up s':>10} {'requests':>8} {'prompt tok':>10} {'gen tok':>8} "

@@ -78,8 +78,18 @@ class DecodeLoop:
     """One model's running batch: :meth:`run` takes requests (each ``n`` rows) and calls
     ``on_done(request, rows)`` as soon as all rows of a request have ended."""
 
-    def __init__(self, model: Any, settings: Settings, prefill: Prefill, tokenizer: Any) -> None:
+    def __init__(
+        self,
+        model: Any,
+        settings: Settings,
+        prefill: Prefill,
+        tokenizer: Any,
+        after_prefill: Callable[[], None] | None = None,
+    ) -> None:
+        """``after_prefill`` runs after each join (the backend hands freed heap back to the OS
+        there: a prefill frees the largest activations)."""
         self.model = model
+        self.after_prefill = after_prefill
         self.s = settings
         self.prefill_inputs = prefill
         self.tok = tokenizer
@@ -151,6 +161,9 @@ class DecodeLoop:
         last = self.last
         self._stack(new, out.past_key_values, mask)
         self.last = tokens if last is None else torch.cat([last, tokens])
+        del out, inputs
+        if self.after_prefill is not None:
+            self.after_prefill()
 
     def _step(self) -> None:
         """One decode step of every running row."""

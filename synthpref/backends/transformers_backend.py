@@ -362,7 +362,13 @@ class TransformersBackend(LocalModelBackend):
             report(group[b], result)
 
         with self._lock, torch.inference_mode():
-            loop = DecodeLoop(self.model, settings, self._generation_inputs, self.tokenizer)
+            loop = DecodeLoop(
+                self.model,
+                settings,
+                self._generation_inputs,
+                self.tokenizer,
+                after_prefill=_release_freed_memory,
+            )
             try:
                 loop.run([ids[i] for i in group], params.n, gens, done)
             finally:
