@@ -9,6 +9,9 @@ model served for generation is refused with a clear error.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -26,9 +29,6 @@ from tests import vllm_fixtures
 from tests.fake_openai_server import FakeServer, error
 from tests.reward_fixtures import ATTRIBUTES, direct_rewards
 from tests.vllm_fixtures import assistant, user
-
-#: a fixture of tests/vllm_fixtures.py that conftest.py does not import
-serve_model_dir = vllm_fixtures.serve_model_dir
 
 
 def system(text: str) -> Message:
@@ -241,6 +241,13 @@ CUT = RewardRequest(
 )
 
 
+@functools.cache
+def reference_rewards(model_dir: Path, conversations: str) -> list[list[float]]:
+    """``direct_rewards`` of a JSON list of conversations, computed once for the module's checks of
+    one server through two tokenizers."""
+    return direct_rewards(model_dir, json.loads(conversations))
+
+
 def check_against_direct(server, model_dir: Path, requests, labels, tokenizer: str | None):
     spec = OpenAISpec(
         model=server.model, base_url=server.base_url, task="reward", tokenizer=tokenizer
@@ -253,7 +260,9 @@ def check_against_direct(server, model_dir: Path, requests, labels, tokenizer: s
     scored = [
         r.messages[2:] if r.truncation == "drop_oldest_turns" else r.messages for r in requests
     ]
-    expected = direct_rewards(model_dir, [[m.model_dump() for m in c] for c in scored])
+    expected = reference_rewards(
+        model_dir, json.dumps([[m.model_dump() for m in c] for c in scored])
+    )
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -267,10 +276,49 @@ def check_against_direct(server, model_dir: Path, requests, labels, tokenizer: s
     return backend
 
 
+#: the reward-model servers of this module: served name -> (fixture of the model dir, test)
+REWARD_SERVERS = {
+    "rm3": ("reward_model3_dir", "test_attribute_rewards_equal_a_direct_forward_pass"),
+    "rm": ("reward_model_dir", "test_scalar_rewards_equal_a_direct_forward_pass"),
+}
+
+
+@pytest.fixture(scope="module")
+def reward_servers(request):
+    """``vllm serve --runner pooling`` of each reward model a selected test needs, all started at
+    once in the background: a start takes 40-50 s on two cores, mostly one core's imports, so the
+    second overlaps the first. ``reward_servers(name, request.addfinalizer)`` waits for one and
+    stops it when that test ends, so the servers are up together only until the first is done."""
+    vllm_fixtures.require_vllm()
+    selected = {item.name for item in request.session.items}
+    contexts = {
+        name: vllm_fixtures.served(request.getfixturevalue(model), name, "--runner", "pooling")
+        for name, (model, test) in REWARD_SERVERS.items()
+        if test in selected
+    }
+    with ThreadPoolExecutor(max(1, len(contexts))) as pool:
+        starting = {name: pool.submit(cm.__enter__) for name, cm in contexts.items()}
+
+        def stop(name: str) -> None:
+            future = starting.pop(name, None)
+            if future is not None and future.exception() is None:  # a failed start stopped itself
+                contexts[name].__exit__(None, None, None)
+
+        def get(name: str, finalizer) -> vllm_fixtures.VLLMServer:
+            finalizer(lambda: stop(name))
+            return starting[name].result()
+
+        try:
+            yield get
+        finally:
+            for name in list(starting):
+                stop(name)
+
+
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_attribute_rewards_equal_a_direct_forward_pass(serve_model_dir, reward_model3_dir):
-    server = serve_model_dir(reward_model3_dir, "rm3", "--runner", "pooling")
+def test_attribute_rewards_equal_a_direct_forward_pass(reward_servers, reward_model3_dir, request):
+    server = reward_servers("rm3", request.addfinalizer)
     short = RewardRequest(messages=[user("What is 2+2?"), assistant("4.")])
     batch = [short, LONG_STORY, MULTI_TURN, CUT]
     # rendered by the server (/tokenize), labels from the root /v1/models reports
@@ -285,8 +333,8 @@ def test_attribute_rewards_equal_a_direct_forward_pass(serve_model_dir, reward_m
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_scalar_rewards_equal_a_direct_forward_pass(serve_model_dir, reward_model_dir):
-    server = serve_model_dir(reward_model_dir, "rm", "--runner", "pooling")
+def test_scalar_rewards_equal_a_direct_forward_pass(reward_servers, reward_model_dir, request):
+    server = reward_servers("rm", request.addfinalizer)
     short = RewardRequest(messages=[user("Name a colour."), assistant("Blue.")])
     check_against_direct(server, reward_model_dir, [LONG_STORY, short, CUT, MULTI_TURN],
                          ["LABEL_0"], None)  # fmt: skip

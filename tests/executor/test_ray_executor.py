@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from synthpref.cli import app
-from tests.conftest import tiny_recipe, write_recipe
+from tests.conftest import PROMPTS, tiny_recipe, write_recipe
 
 ray = pytest.importorskip("ray")
 runner = CliRunner()
@@ -61,10 +61,20 @@ def _layout(run_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(run_dir)) for p in (run_dir / "checkpoints").rglob("*.parquet"))
 
 
+def ray_recipe(tmp: Path) -> dict:
+    """The tiny recipe cut to what a Ray run is checked on: two shards of one prompt (a shard per
+    replica for ``--workers 2``), both models sampled and judged, replies of 8 tokens. Each Ray
+    run here pays for its actors (torch imported, the model loaded) whatever the recipe; the rows
+    and decoding steps are what a smaller recipe saves."""
+    recipe = tiny_recipe(tmp, prompts=PROMPTS[:2], settings={"shard_size": 1})
+    recipe["stages"][0]["max_tokens"] = 8
+    return recipe
+
+
 @pytest.fixture(scope="module")
 def local_reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("local")
-    path = write_recipe(tmp, tiny_recipe(tmp))
+    path = write_recipe(tmp, ray_recipe(tmp))
     summary = _run(path)
     return tmp / "run", summary
 
@@ -72,7 +82,7 @@ def local_reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ray_run(tmp_path_factory, cluster):
     tmp = tmp_path_factory.mktemp("ray")
-    path = write_recipe(tmp, tiny_recipe(tmp))
+    path = write_recipe(tmp, ray_recipe(tmp))
     summary = _run(path, "--executor", "ray", "--workers", "2")
     return tmp / "run", path, summary
 
@@ -124,7 +134,7 @@ def test_runs_resume_across_executors(local_reference, ray_run, tmp_path, cluste
     for source, rerun in ((local_reference[0], _api_ray_run), (ray_run[0], _run)):
         run_dir = tmp_path / source.parent.name / "run"
         shutil.copytree(source, run_dir)
-        path = write_recipe(run_dir.parent, tiny_recipe(run_dir.parent))
+        path = write_recipe(run_dir.parent, ray_recipe(run_dir.parent))
         for stage_dir in sorted((run_dir / "checkpoints").iterdir())[1:]:
             shutil.rmtree(stage_dir)
         journal, rows = _journal(run_dir), _rows(run_dir)
@@ -139,7 +149,7 @@ def test_runs_resume_across_executors(local_reference, ray_run, tmp_path, cluste
 
 @pytest.mark.slow
 def test_ray_driver_killed_mid_run_resumes(tmp_path, local_reference, cluster, subprocess_env):
-    path = write_recipe(tmp_path, tiny_recipe(tmp_path))
+    path = write_recipe(tmp_path, ray_recipe(tmp_path))
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "synthpref.cli", "run", str(path), "--no-progress"]
     cmd += ["--executor", "ray", "--address", cluster]
