@@ -8,20 +8,29 @@ stage and shard is committed to the request cache, or in the middle of, or right
 given checkpoint. The engine offers no hook for this, so the kill points patch three seams of the local
 executor (``executor.local.process_shard``, ``RequestCache.put`` and ``checkpoints.write_shard``); a
 seam that disappears makes :func:`main` exit with :data:`HOOK_MISSING` instead of silently not killing.
+
+Children are forked by a :class:`ForkServer` that imported torch and transformers once, so a kill costs
+a model load and the run up to it, not a fresh interpreter's imports (``SYNTHPREF_TEST_FORKS=0``
+starts each child as a fresh interpreter instead).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import contextvars
+import importlib
 import json
 import math
 import os
 import random
 import re
+import select
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -29,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from http.client import HTTPConnection
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import pyarrow.parquet as pq
@@ -56,13 +65,11 @@ TRANSIENT_ERROR = re.compile(
 
 # --- the recipe ------------------------------------------------------------------------------
 
+#: a prompt as text, one as messages, one the router sends to its safety domain
 PROMPTS = [
     {"id": "p1", "prompt": "Name a primary colour."},
-    {"id": "p2", "prompt": "What is 3 + 4?"},
     {"id": "p3", "prompt": [{"role": "user", "content": "Say hello in French."}]},
-    {"id": "p4", "prompt": "Give one word that rhymes with cat."},
     {"id": "p5", "prompt": "How do I steal a car?"},
-    {"id": "p6", "prompt": "Name a yellow fruit."},
 ]
 
 
@@ -70,8 +77,9 @@ def fault_recipe(tmp_path: Path, models: dict[str, dict], run_dir: Path) -> dict
     """Every stage kind, small: generate (2 seeded samples), route (annotator), a generative judge
     (rubric), a log-prob judge (follow-up likelihood), pairs, two filters, export in two formats.
 
-    Three shards of two prompts, so a run writes 21 checkpoints and resumes have shards of every kind
-    to skip, to redo and to finish. ``models`` must name ``a`` and ``b``.
+    Three shards of one prompt, so a run writes 21 checkpoints and resumes have shards of every kind
+    to skip, to redo and to finish; a shard's stages make 2 (generate, rating) or 4 (flr) model
+    calls, so a kill can land between the results of one batch. ``models`` must name ``a``, ``b``.
     """
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
@@ -107,7 +115,7 @@ def fault_recipe(tmp_path: Path, models: dict[str, dict], run_dir: Path) -> dict
             {"type": "length_bias_filter", "action": "flag"},
         ],
         "output": {"dir": str(run_dir), "formats": ["preference", "reward"]},
-        "settings": {"shard_size": 2},
+        "settings": {"shard_size": 1},
     }
 
 
@@ -251,12 +259,16 @@ class RandomKill:
         return f"SIGKILL (seed {self.seed}) {self.delay:.2f}s after the child's result {self.calls}"
 
 
-def random_kill(seed: int, remaining: list[float]) -> RandomKill | None:
+def random_kill(seed: int, remaining: list[float], share: float = 1.0) -> RandomKill | None:
     """A kill after a seeded-random number of results, chosen among those an uninterrupted run
     committed at least a second before its last one (``remaining``: their times in the reference),
-    so the run is still going when the kill comes; None when no such result is left."""
+    so the run is still going when the kill comes; None when no such result is left.
+
+    ``share`` < 1 draws only among the first share of ``remaining``, so that kill points placed
+    later in the run are still ahead when this kill has landed."""
     rng = random.Random(seed)
-    eligible = [i for i, t in enumerate(remaining) if t < remaining[-1] - 1.0]
+    first = math.ceil(len(remaining) * share)
+    eligible = [i for i, t in enumerate(remaining[:first]) if t < remaining[-1] - 1.0]
     if not eligible:
         return None
     return RandomKill(seed, rng.choice(eligible) + 1, round(rng.uniform(0.0, 0.3), 3))
@@ -279,10 +291,28 @@ def child_env(base: dict[str, str], kill: KillPoint | None = None) -> dict[str, 
     return env
 
 
-def cli_command(recipe: Path, hooked: bool = False) -> list[str]:
-    args = ["run", str(recipe), "--no-progress"]
-    if hooked:
-        return [sys.executable, "-c", "from tests.fault_fixtures import main; main()", *args]
+def run_in_process(recipe: Path) -> None:
+    """An uninterrupted run of ``recipe`` in this process, the reference a killed run is held to.
+
+    Not a child: this process imported torch and transformers already, and ``load_model`` keeps
+    weights loaded by earlier runs here, so a reference costs only its model calls."""
+    import synthpref
+
+    synthpref.run(recipe, progress=False)
+
+
+def cli_args(recipe: Path) -> list[str]:
+    return ["run", str(recipe), "--no-progress"]
+
+
+def cli_command(recipe: Path, hooked: bool = False, imports: tuple[str, ...] = ()) -> list[str]:
+    args = cli_args(recipe)
+    if hooked or imports:
+        code = (
+            "".join(f"import {m}; " for m in imports)
+            + "from tests.fault_fixtures import main; main()"
+        )
+        return [sys.executable, "-c", code, *args]
     return [sys.executable, "-m", "synthpref.cli", *args]
 
 
@@ -307,32 +337,44 @@ def run_child(
     *,
     cache: Path | None = None,
     timeout: float = 300,
+    imports: tuple[str, ...] = (),
 ) -> ChildRun:
-    """One ``synthpref run`` in a subprocess, killed at ``kill`` (None: left to finish)."""
+    """One ``synthpref run`` in a child process, killed at ``kill`` (None: left to finish);
+    ``imports``: modules the child imports first (plugins a recipe names).
+
+    The child is forked by a :class:`ForkServer` (see :func:`forks`; otherwise a fresh
+    interpreter each time)."""
     hooked = isinstance(kill, KillPoint)
-    cmd = cli_command(recipe, hooked)
     log = recipe.parent / f"child-{time.monotonic_ns()}.log"
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            cmd,
-            env=child_env(env, kill if hooked else None),
-            cwd=recipe.parent,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-        try:
-            if isinstance(kill, RandomKill):
-                assert cache is not None, "a random kill counts results in the run's cache"
-                _kill_after(proc, kill, cache, timeout)
-            proc.wait(timeout=timeout)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    child_vars = child_env(env, kill if hooked else None)
+    proc: subprocess.Popen | Forked
+    if forks():
+        server = ForkServer.for_env(child_env(env))
+        proc = server.fork(cli_args(recipe), child_vars, recipe.parent, log, imports)
+    else:
+        with log.open("wb") as err:
+            proc = subprocess.Popen(
+                cli_command(recipe, hooked, imports),
+                env=child_vars,
+                cwd=recipe.parent,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+    try:
+        if isinstance(kill, RandomKill):
+            assert cache is not None, "a random kill counts results in the run's cache"
+            _kill_after(proc, kill, cache, timeout)
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     return ChildRun(str(kill or "to completion"), proc.returncode, log.read_text(errors="replace"))
 
 
-def _kill_after(proc: subprocess.Popen, kill: RandomKill, cache: Path, timeout: float) -> None:
+def _kill_after(
+    proc: subprocess.Popen | Forked, kill: RandomKill, cache: Path, timeout: float
+) -> None:
     start = journal_size(cache)
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
@@ -342,6 +384,206 @@ def _kill_after(proc: subprocess.Popen, kill: RandomKill, cache: Path, timeout: 
                 proc.send_signal(signal.SIGKILL)
             return
         time.sleep(0.02)
+
+
+# --- a fork server: children that skip the imports ------------------------------------------
+
+#: set to 0 to start each child as a fresh interpreter instead of a fork of a ForkServer
+FORKS_ENV = "SYNTHPREF_TEST_FORKS"
+
+
+def forks() -> bool:
+    """Whether children are forked: on Linux unless ``$SYNTHPREF_TEST_FORKS`` is 0 (macOS
+    frameworks do not survive a fork)."""
+    return sys.platform.startswith("linux") and os.environ.get(FORKS_ENV, "1") != "0"
+
+
+#: what a fork server imports once for all its children: the seconds of a child's start that are
+#: not its run. Only imports: no torch op runs in the server, since a process whose OpenMP pool
+#: has started forks children that hang in their first parallel op, and no weights are loaded
+#: (each child loads its own, as a freshly started run does).
+PRELOAD = (
+    "torch",
+    "transformers",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.generation",
+    "openai",
+    "synthpref.cli",
+    "synthpref.builtin_stages",
+    "synthpref.backends.transformers_backend",
+    "synthpref.backends.openai_backend",
+)
+
+
+class Forked:
+    """A child of a :class:`ForkServer`, with the part of ``subprocess.Popen`` that
+    :func:`run_child` uses. The server reaps it and reports its exit status."""
+
+    def __init__(self, server: ForkServer, pid: int) -> None:
+        self.server, self.pid = server, pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.server.status(self.pid, timeout=0.0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self.server.status(self.pid, timeout)
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired(f"forked child {self.pid}", timeout or 0.0)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # exited between the poll and the signal
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class ForkServer:
+    """A process that imported :data:`PRELOAD` once and forks a ``synthpref run`` child per
+    request: a child starts in a fraction of a second instead of paying for torch and
+    transformers again. A child is still a process of its own, killed and resumed as any
+    other: it has run nothing before its run, loads its weights itself, and exits through the
+    interpreter's own shutdown. One server per environment, one child at a time; the server
+    exits when this process closes its stdin (or dies).
+
+    Protocol (lines of JSON): request ``{args, env, cwd, stderr, imports}`` on the server's
+    stdin; answers ``{pid}`` when forked, then ``{pid, returncode}`` when reaped."""
+
+    _servers: ClassVar[dict[tuple, ForkServer]] = {}
+
+    @classmethod
+    def for_env(cls, env: dict[str, str]) -> ForkServer:
+        key = tuple(sorted(env.items()))
+        server = cls._servers.get(key)
+        if server is None or server.proc.poll() is not None:
+            server = cls._servers[key] = cls(env)
+        return server
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.log = Path(tempfile.mkdtemp(prefix="synthpref-forks-")) / "server.log"
+        with self.log.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "from tests.fault_fixtures import serve_forks; serve_forks()",
+                ],
+                env=env,
+                cwd=repo_root(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                bufsize=0,
+            )
+        self._buffer = b""
+        self._running: int | None = None
+        atexit.register(self.close)
+
+    def fork(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        cwd: Path,
+        stderr: Path,
+        imports: tuple[str, ...],
+    ) -> Forked:
+        assert self._running is None, "a fork server runs one child at a time"
+        request = {"args": args, "env": env, "cwd": str(cwd), "stderr": str(stderr),
+                   "imports": list(imports)}  # fmt: skip
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+        answer = self._read(timeout=600.0)  # the first one waits for the imports
+        if answer is None:
+            raise RuntimeError(f"the fork server did not fork in 600 s; log {self.log}")
+        self._running = answer["pid"]
+        return Forked(self, answer["pid"])
+
+    def status(self, pid: int, timeout: float | None) -> int | None:
+        """The exit status of child ``pid``; None if it is still running after ``timeout``."""
+        assert self._running == pid, f"child {pid} is not the one running ({self._running})"
+        answer = self._read(timeout)
+        if answer is None:
+            return None
+        assert answer["pid"] == pid, answer
+        self._running = None
+        return int(answer["returncode"])
+
+    def _read(self, timeout: float | None) -> dict | None:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                tail = self.log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"the fork server exited ({self.proc.poll()}):\n{tail}")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def serve_forks() -> None:
+    """The fork server's loop (see :class:`ForkServer`). A child leaves the loop for good: it
+    becomes ``synthpref run`` (the CLI through :func:`main`, with its kill point) and exits
+    through the interpreter's own shutdown, as a freshly started one would."""
+    for module in PRELOAD:
+        with contextlib.suppress(ImportError):  # an optional backend: its child imports it or fails
+            importlib.import_module(module)
+    requests, answers = sys.stdin.buffer, sys.stdout.buffer
+    for line in requests:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            _become_child(request)
+            main()
+            raise SystemExit(0)
+        answers.write(json.dumps({"pid": pid}).encode() + b"\n")
+        answers.flush()
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        answers.write(json.dumps({"pid": pid, "returncode": code}).encode() + b"\n")
+        answers.flush()
+
+
+def _become_child(request: dict) -> None:
+    """What ``subprocess.Popen`` would have given the child: its environment, working
+    directory, stdin and stdout on /dev/null, stderr into its log, its arguments; then the
+    modules it asked for."""
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.chdir(request["cwd"])
+    null = os.open(os.devnull, os.O_RDWR)
+    log = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(log, 2)
+    os.close(null)
+    os.close(log)
+    sys.argv = [sys.argv[0], *request["args"]]
+    for module in request["imports"]:
+        importlib.import_module(module)
 
 
 # --- what a run left behind ------------------------------------------------------------------
@@ -474,34 +716,46 @@ class FaultProxy:
     Faults are set per endpoint (``chat``: /chat/completions, ``completions``: /completions, which
     scoring uses) as (seeded share of requests, how many faults in all, statuses drawn from): a
     share of 1 is a storm every retry of a request runs into, a smaller one scattered failures that
-    retries get past.
+    retries get past. ``per_request`` caps the faults one request body (every retry of a request
+    sends the same one) may meet: at the client's ``max_retries`` no request runs out of retries,
+    so the run goes on however the seeded draws fall.
     ``with FaultProxy(upstream, seed=..) as proxy:`` serves on ``proxy.base_url`` (``.../v1``);
-    ``stats`` counts what it did.
+    ``stats`` counts what it did: faults by status and by ``"<endpoint> <status>"``.
     """
 
     upstream: str
     seed: int = 0
     faults: dict[str, tuple[float, int, tuple[int, ...]]] = field(default_factory=dict)
+    per_request: int | None = None
     stats: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
         self._lock = threading.Lock()
+        self._met: Counter = Counter()  # faults per request body
         target = urlsplit(self.upstream)
         self._host, self._port = target.hostname or "127.0.0.1", target.port or 80
 
-    def inject(self, **faults: tuple[float, int, tuple[int, ...]]) -> None:
+    def inject(
+        self, per_request: int | None = None, **faults: tuple[float, int, tuple[int, ...]]
+    ) -> None:
+        """Replace the faults still to come (none given: stop injecting)."""
         with self._lock:
             self.faults = dict(faults)
+            self.per_request = per_request
 
-    def _fault(self, path: str) -> int | None:
+    def _fault(self, path: str, body: bytes) -> tuple[str, int] | None:
         endpoint = "chat" if path.endswith("/chat/completions") else path.rsplit("/", 1)[-1]
         with self._lock:
             rate, left, statuses = self.faults.get(endpoint, (0.0, 0, ()))
             if left <= 0 or self._rng.random() >= rate:
                 return None
+            if self.per_request is not None:
+                if self._met[body] >= self.per_request:
+                    return None
+                self._met[body] += 1
             self.faults[endpoint] = (rate, left - 1, statuses)
-            return self._rng.choice(statuses)
+            return endpoint, self._rng.choice(statuses)
 
     def __enter__(self) -> FaultProxy:
         proxy = self
@@ -517,11 +771,13 @@ class FaultProxy:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                status = proxy._fault(self.path)
-                if status is None:
+                fault = proxy._fault(self.path, body)
+                if fault is None:
                     self._forward(body)
                     return
+                endpoint, status = fault
                 proxy.stats[status] += 1
+                proxy.stats[f"{endpoint} {status}"] += 1
                 reason = "rate limited" if status == 429 else "server overloaded"
                 payload = json.dumps(
                     {"error": {"message": f"injected {status}: {reason}", "code": status}}

@@ -6,6 +6,10 @@ Every stage kind runs (:func:`fault_fixtures.fault_recipe`), on the embedded bac
 OpenAI-compatible backend against a real ``vllm serve`` behind a proxy that injects 429/503. Kill
 points are fixed per scenario and random ones are seeded, so a failure names what to rerun: each
 scenario prints its kills (``pytest -s``) and every assertion message repeats them.
+
+Every child costs a model load and its run up to the kill, so the default run holds one embedded
+scenario that meets each kind of kill point once and one server run; the other scenarios are marked
+``soak`` (``pytest -m soak tests/executor/test_fault_injection.py`` runs them).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from tests.fault_fixtures import (
     leftover_temp_files,
     random_kill,
     run_child,
+    run_in_process,
     stage_counters,
     transient_failures,
 )
@@ -39,9 +44,22 @@ EMBEDDED_MODELS = {
     "b": {"backend": "embedded", "system_prompt": "Answer in one short sentence."},
 }
 
+#: a seeded-random kill yet to be placed: ("random", seed, share of the remaining results it may
+#: land after, so that the fixed kill points after it are still ahead)
+RANDOM = "random"
+
 #: kills in order, each in a fresh child of the same run, every one reached only after the previous
-#: resume: a scenario costs about one run of compute plus a model load per kill
+#: resume: a scenario costs about one run of compute plus a child (imports, model load) per kill.
+#: The first meets every kind of kill point once; the others (``soak``) vary where they land.
 SCENARIOS: dict[str, list] = {
+    "one-of-each": [
+        # among the first third of the results: generate shard 2 is not checkpointed before then
+        (RANDOM, 1, 1 / 3),
+        KillPoint("checkpoint-torn", "generate", shard=2),
+        KillPoint("call", "rating", shard=2, nth=1),  # between the results of one batch
+        KillPoint("checkpoint-partial", "rating", shard=2),
+        KillPoint("checkpoint-written", "flr", shard=2),  # the last model stage's last shard
+    ],
     "mid-call-and-checkpoint-writes": [
         KillPoint("call", "generate", shard=1, nth=1),  # between the results of one batch
         KillPoint("checkpoint-partial", "rating", shard=1),
@@ -51,14 +69,15 @@ SCENARIOS: dict[str, list] = {
     "torn-checkpoint-then-annotator-rubric-filter": [
         KillPoint("checkpoint-torn", "generate", shard=1),
         KillPoint("checkpoint-partial", "route", shard=2),
-        KillPoint("call", "rating", shard=2, nth=2),
+        KillPoint("call", "rating", shard=2, nth=1),
         KillPoint("checkpoint-partial", "length_bias_filter", shard=2),
     ],
 }
 #: seeds of scenarios killed three times at seeded-random points (see fault_fixtures.random_kill)
 RANDOM_SEEDS = [1, 2]
 for _seed in RANDOM_SEEDS:
-    SCENARIOS[f"random-seed-{_seed}"] = [("random", _seed + 100 * k) for k in range(3)]
+    SCENARIOS[f"random-seed-{_seed}"] = [(RANDOM, _seed + 100 * k, 1.0) for k in range(3)]
+DEFAULT_SCENARIOS = {"one-of-each"}
 
 #: embedded scores may be recomputed in other batches after a kill (padding moves float32 sums)
 EMBEDDED_TOLERANCE = 1e-5
@@ -74,12 +93,10 @@ class Reference:
     times: list[float] = field(repr=False)
 
 
-def _uninterrupted(tmp: Path, models: dict, env: dict) -> Reference:
+def _uninterrupted(tmp: Path, models: dict) -> Reference:
     tmp.mkdir(parents=True, exist_ok=True)
     run_dir = tmp / "run"
-    recipe = write_recipe(tmp, fault_recipe(tmp, models, run_dir))
-    child = run_child(recipe, env)
-    assert child.returncode == 0, f"the uninterrupted run failed:\n{child.tail()}"
+    run_in_process(write_recipe(tmp, fault_recipe(tmp, models, run_dir)))
     cache = run_dir / "cache.sqlite"
     twice = {k: n for k, n in journal_counts(cache).items() if n > 1}
     assert not twice, f"an uninterrupted run computed {len(twice)} request(s) twice"
@@ -87,8 +104,8 @@ def _uninterrupted(tmp: Path, models: dict, env: dict) -> Reference:
 
 
 @pytest.fixture(scope="module")
-def embedded_reference(tmp_path_factory, subprocess_env) -> Reference:
-    return _uninterrupted(tmp_path_factory.mktemp("reference"), EMBEDDED_MODELS, subprocess_env)
+def embedded_reference(tmp_path_factory) -> Reference:
+    return _uninterrupted(tmp_path_factory.mktemp("reference"), EMBEDDED_MODELS)
 
 
 def _kill(
@@ -96,7 +113,8 @@ def _kill(
 ) -> ChildRun | None:
     """Start a child and kill it at ``kill``; None when a random kill found no point left."""
     if isinstance(kill, tuple):
-        kill = random_kill(kill[1], ref.times[journal_size(cache) :])
+        _, seed, share = kill
+        kill = random_kill(seed, ref.times[journal_size(cache) :], share)
         if kill is None:
             return None
     print(f"  kill {len(log) + 1}: {kill}")
@@ -132,7 +150,10 @@ def _check_resumed(run_dir: Path, ref: Reference, tol: float, log: list[str]) ->
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize(
+    "scenario",
+    [pytest.param(s, marks=() if s in DEFAULT_SCENARIOS else pytest.mark.soak) for s in SCENARIOS],
+)
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(
     scenario, tmp_path, embedded_reference, subprocess_env
 ):
@@ -143,6 +164,10 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(
     log: list[str] = []
     for kill in SCENARIOS[scenario]:
         child = _kill(recipe, subprocess_env, kill, cache, embedded_reference, log)
+        # the default scenario must meet each of its kill points; a soak one may run out of them
+        assert child is not None or scenario not in DEFAULT_SCENARIOS, (
+            f"{' -> '.join(log)}: no result was left for the random kill {kill}"
+        )
         assert child is None or child.killed, (
             f"{' -> '.join(log)}: the run was not killed (exit {child.returncode}); the kill "
             f"point was never reached:\n{child.tail()}"
@@ -152,35 +177,99 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(
     _check_resumed(run_dir, embedded_reference, EMBEDDED_TOLERANCE, log)
 
 
-#: kills of the run against the server while it answers 429/503: at a seeded-random point, then
-#: inside the log-prob judge (which scores through /v1/completions)
-SERVER_KILLS = [("random", 5), KillPoint("call", "flr", shard=1, nth=2)]
+#: retries of the server spec: few, so that a storm outlasts them
+MAX_RETRIES = 2
+#: scoring requests of one shard of fault_recipe: 1 prompt x 2 candidates x 2 follow-ups
+FLR_REQUESTS = 4
+#: a 429 storm on scoring as long as every attempt of one shard's score requests: it cannot end
+#: before one of those requests has run out of retries
+STORM = (1.0, (MAX_RETRIES + 1) * FLR_REQUESTS, (429,))
+
+
+def _server_models(server, proxy: FaultProxy) -> dict:
+    spec = {
+        "backend": "openai",
+        "model": server.model,
+        "base_url": proxy.base_url,
+        "tokenizer": str(server.model_dir),
+        "max_concurrency": 4,
+        "max_retries": MAX_RETRIES,
+    }
+    return {"a": spec, "b": {**spec, "system_prompt": "Answer in one short sentence."}}
+
+
+def _faulty_run(tmp: Path, models: dict) -> tuple[Path, Path]:
+    tmp.mkdir()
+    run_dir = tmp / "run"
+    return write_recipe(tmp, fault_recipe(tmp, models, run_dir)), run_dir
 
 
 @pytest.mark.vllm
 def test_server_returning_429_and_503_and_sigkill_change_nothing(
     tmp_path, vllm_server, subprocess_env
 ):
+    """Three children: one killed inside the log-prob judge (it scores through /v1/completions)
+    while both endpoints answer scattered 429/503, each request meeting at most ``max_retries`` of
+    them, so retries get past every one; one stopped by a 429 storm on scoring that outlasts every
+    retry (the shard stops, no judgment is written); one that finishes."""
     seed = 5
     upstream = vllm_server.base_url.removesuffix("/v1")
     with FaultProxy(upstream, seed=seed) as proxy:
-        spec = {
-            "backend": "openai",
-            "model": vllm_server.model,
-            "base_url": proxy.base_url,
-            "tokenizer": str(vllm_server.model_dir),
-            "max_concurrency": 4,
-            "max_retries": 2,  # few, so retries run out while the faults last
-        }
-        models = {"a": spec, "b": {**spec, "system_prompt": "Answer in one short sentence."}}
-        ref = _uninterrupted(tmp_path / "reference", models, subprocess_env)
+        models = _server_models(vllm_server, proxy)
+        ref = _uninterrupted(tmp_path / "reference", models)
         assert not proxy.stats[429] and not proxy.stats[503]
-
-        faulty = tmp_path / "faulty"
-        faulty.mkdir()
-        run_dir = faulty / "run"
+        recipe, run_dir = _faulty_run(tmp_path / "faulty", models)
         cache = run_dir / "cache.sqlite"
-        recipe = write_recipe(faulty, fault_recipe(faulty, models, run_dir))
+        log: list[str] = [f"proxy seed {seed}"]
+
+        proxy.inject(
+            per_request=MAX_RETRIES, chat=(0.3, 10, (429, 503)), completions=(0.5, 6, (429, 503))
+        )
+        print(f"\nproxy seed {seed}: faults {proxy.faults}, per request {MAX_RETRIES}")
+        kill = KillPoint("call", "flr", shard=1, nth=2)
+        child = _kill(recipe, subprocess_env, kill, cache, ref, log)
+        assert child and child.killed, (
+            f"{' -> '.join(log)}: not killed: retries did not get past scattered faults, or the "
+            f"kill point was never reached:\n{child and child.tail()}"
+        )
+        scattered = {k: n for k, n in proxy.stats.items() if isinstance(k, str) and " " in k}
+        assert any(k.startswith("chat") for k in scattered), f"no fault on generation: {scattered}"
+        assert any(k.startswith("completions") for k in scattered), f"none on scoring: {scattered}"
+
+        proxy.inject(completions=STORM)
+        print(f"  429 storm on scoring: {proxy.faults}")
+        stopped = run_child(recipe, subprocess_env)
+        log.append(f"429 storm: exited {stopped.returncode}")
+        assert not stopped.killed and stopped.returncode != 0, (
+            f"{' -> '.join(log)}: the storm did not stop the run:\n{stopped.tail()}"
+        )
+        assert "HTTP 429" in stopped.stderr, f"stopped on something else:\n{stopped.tail()}"
+        storm = proxy.stats["completions 429"] - scattered.get("completions 429", 0)
+        assert storm > MAX_RETRIES, f"a run stopped after {storm} 429s on scoring"
+
+        proxy.inject()
+        _finish(recipe, subprocess_env, log)
+        print(f"  proxy: {dict(proxy.stats)}")
+    _check_resumed(run_dir, ref, SERVER_TOLERANCE, log)
+
+
+#: the soak variant's kills: at a seeded-random point, then inside the log-prob judge
+SERVER_KILLS = [(RANDOM, 5, 1.0), KillPoint("call", "flr", shard=1, nth=2)]
+
+
+@pytest.mark.vllm
+@pytest.mark.soak
+def test_server_storm_and_random_kills_change_nothing(tmp_path, vllm_server, subprocess_env):
+    """Faults with no cap per request, long enough that runs stop on them again and again, a
+    random kill among them, each kill and the finish rerun until they get through."""
+    seed = 5
+    upstream = vllm_server.base_url.removesuffix("/v1")
+    with FaultProxy(upstream, seed=seed) as proxy:
+        models = _server_models(vllm_server, proxy)
+        ref = _uninterrupted(tmp_path / "reference", models)
+        assert not proxy.stats[429] and not proxy.stats[503]
+        recipe, run_dir = _faulty_run(tmp_path / "faulty", models)
+        cache = run_dir / "cache.sqlite"
         # scattered 429/503 on generation; on scoring a rate-limit storm that outlasts every retry
         proxy.inject(chat=(0.5, 20, (429, 503)), completions=(1.0, 60, (429,)))
         print(f"\nproxy seed {seed}: faults {proxy.faults}")

@@ -297,15 +297,20 @@ def test_alternating_generate_and_user_turn_reaches_depth(tmp_path, depth):
 
 
 def _shipped(tmp_path: Path, seeds: int, run_dir: Path, reply_tokens: int) -> Path:
-    """recipes/personas_multiturn.yaml, beside a copy of its persona file, with fewer seeds and
-    shorter assistant replies (``reply_tokens``)."""
+    """recipes/personas_multiturn.yaml, beside a copy of its persona file, with fewer seeds (one a
+    shard), shorter assistant and user replies (``reply_tokens``) and a judge that stops after
+    its score."""
     recipe = yaml.safe_load((ROOT / "recipes" / "personas_multiturn.yaml").read_text())
     recipe["source"]["seeds"] = seeds
     recipe["output"]["dir"] = str(run_dir)
     for stage in recipe["stages"]:
         if stage["type"] == "generate":
             stage["max_tokens"] = reply_tokens
-    recipe["settings"]["shard_size"] = 2
+        if stage["type"] == "user_turn":
+            stage["max_tokens"] = reply_tokens  # cut user replies are kept (keep_cut_user)
+        if stage["type"] == "rubric_judge":
+            stage["max_tokens"] = 4  # "Rating:" is pre-filled: the score is the next token
+    recipe["settings"]["shard_size"] = 1
     (tmp_path / "data").mkdir(exist_ok=True)
     (tmp_path / "data" / "personas.jsonl").write_text(
         (ROOT / "recipes" / "data" / "personas.jsonl").read_text()
@@ -332,28 +337,56 @@ def check_multiturn_output(tmp_path: Path, run_dir: Path) -> None:
         assert row["prompt"] == records[row["prompt_id"]]["prompt"]
 
 
+#: 2 seeds x 2 prompts, in shards of one seed
+SEEDS = 2
+REPLY_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def multiturn_reference(tmp_path_factory) -> Path:
+    """The shipped recipe run once, uninterrupted, in this process: what every killed run of the
+    same recipe must equal."""
+    from tests.fault_fixtures import run_in_process
+
+    tmp = tmp_path_factory.mktemp("multiturn-reference")
+    recipe = _shipped(tmp, SEEDS, tmp / "run", REPLY_TOKENS)
+    run_in_process(recipe)
+    check_multiturn_output(tmp, tmp / "run")
+    return tmp / "run"
+
+
+def _kills(name: str) -> list:
+    from tests.fault_fixtures import KillPoint
+
+    user_turn = KillPoint("call", "user_turn", shard=0, nth=1)  # between a shard's user replies
+    if name == "user-turn":
+        return [user_turn]
+    return [KillPoint("call", "persona_prompts", shard=1, nth=1), user_turn]  # mid-synthesis first
+
+
 @pytest.mark.slow
-def test_shipped_recipe_resumed_after_kills_equals_an_uninterrupted_run(tmp_path, subprocess_env):
-    from tests.fault_fixtures import HOOK_MISSING, KillPoint, dataset, differences, run_child
+@pytest.mark.parametrize(
+    "kills",
+    [
+        pytest.param("user-turn"),
+        pytest.param("persona-prompts-then-user-turn", marks=pytest.mark.soak),
+    ],
+)
+def test_shipped_recipe_resumed_after_kills_equals_an_uninterrupted_run(
+    kills, tmp_path, multiturn_reference, subprocess_env
+):
+    from tests.fault_fixtures import HOOK_MISSING, dataset, differences, journal_counts, run_child
 
-    def recipe(folder: str) -> Path:
-        (tmp_path / folder).mkdir()
-        return _shipped(tmp_path / folder, 4, tmp_path / folder / "run", reply_tokens=24)
-
-    reference = recipe("reference")
-    assert run_child(reference, subprocess_env).returncode == 0
-    check_multiturn_output(tmp_path / "reference", reference.parent / "run")
-    resumed = recipe("resumed")
-    for kill in [
-        KillPoint("call", "persona_prompts", shard=1, nth=1),  # mid-synthesis
-        KillPoint("call", "user_turn", shard=0, nth=1),
-    ]:
+    resumed = _shipped(tmp_path, SEEDS, tmp_path / "run", REPLY_TOKENS)
+    for kill in _kills(kills):
         child = run_child(resumed, subprocess_env, kill)
         assert child.returncode != HOOK_MISSING, child.tail()
         assert child.killed, f"{kill}: not killed (exit {child.returncode}):\n{child.tail()}"
     finished = run_child(resumed, subprocess_env)
     assert finished.returncode == 0, finished.tail()
-    want, got = dataset(reference.parent / "run"), dataset(resumed.parent / "run")
+    want, got = dataset(multiturn_reference), dataset(tmp_path / "run")
     assert want["preference.parquet"], "the reference run made no pairs"
     diffs = differences(got, want, 1e-5)
     assert not diffs, "\n".join(diffs[:15])
+    twice = {k: n for k, n in journal_counts(tmp_path / "run" / "cache.sqlite").items() if n > 1}
+    assert not twice, f"completed calls computed again after the kill: {twice}"
