@@ -106,12 +106,15 @@ def vllm_job(cfg: dict, out: str) -> None:
     requests = _requests(cfg)
     prompts = [
         TokensPrompt(
-            prompt_token_ids=tok.apply_chat_template(
-                [m.model_dump() for m in r.messages], add_generation_prompt=True, tokenize=True
-            )
+            prompt_token_ids=tok(
+                tok.apply_chat_template(
+                    [m.model_dump() for m in r.messages], add_generation_prompt=True, tokenize=False
+                ),
+                add_special_tokens=False,
+            ).input_ids
         )
         for r in requests
-    ]
+    ]  # the token ids the embedded backend generates from
     params = [
         VSamplingParams(
             n=1,
@@ -162,10 +165,12 @@ def main() -> None:
     env = dict(os.environ)
     sides: dict[str, dict] = {}
     sides["embedded"] = run_job([*me, "--embedded"], {**cfg, "continuous": True}, env, "embedded")
+    print("embedded:", json.dumps(sides["embedded"]), flush=True)
     if "generate" not in args.skip:
         sides["embedded, model.generate"] = run_job(
             [*me, "--embedded"], {**cfg, "continuous": False}, env, "model.generate"
         )
+        print("model.generate:", json.dumps(sides["embedded, model.generate"]), flush=True)
     if "vllm" not in args.skip:
         try:
             import vllm  # noqa: F401
