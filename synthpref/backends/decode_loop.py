@@ -29,11 +29,10 @@ import torch
 
 @dataclass
 class Row:
-    """One sample of one request: its prompt, its random stream (None: greedy) and what it made."""
+    """One sample of one request: its random stream (None: greedy) and what it made."""
 
     request: int
     sample: int
-    prompt: list[int]
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     #: per generated token, (log-probabilities, token ids) of the ``top_k`` most likely
@@ -120,11 +119,7 @@ class DecodeLoop:
                 take = []
                 while pending and (len(take) + 1) * n <= max(free, n):
                     take.append(pending.pop())
-                new = [
-                    Row(b, s, list(prompts[b]), generators[b * n + s])
-                    for b in take
-                    for s in range(n)
-                ]
+                new = [Row(b, s, generators[b * n + s]) for b in take for s in range(n)]
                 self._join(new, [prompts[b] for b in take], n)
             else:
                 self._step()
