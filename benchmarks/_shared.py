@@ -286,6 +286,18 @@ def warm_up(base_url: str, model: str, prompts: list[str], max_tokens: int) -> N
         list(pool.map(ask, prompts))
 
 
+def generate_stage(cfg: dict) -> dict:
+    """The benchmarks' generate stage on the served model: 2 samples per prompt, ``cfg``'s sampling."""
+    return {
+        "type": "generate",
+        "models": ["server"],
+        "n": 2,
+        "temperature": cfg["temperature"],
+        "top_p": cfg["top_p"],
+        "max_tokens": cfg["max_tokens"],
+    }
+
+
 def server_recipe(root: Path, cfg: dict, stages: list[dict], name: str) -> Path:
     """A recipe in ``root`` over ``cfg["prompts"]`` (written beside it) with one model, ``server``:
     the ``openai`` backend at its defaults on ``cfg["url"]``/``cfg["model"]``, as a user would

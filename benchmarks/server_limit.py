@@ -39,6 +39,7 @@ from _shared import (
     bench_prompts,
     child_job,
     counter_rows,
+    generate_stage,
     measured_side,
     server_recipe,
     vllm_server,
@@ -113,15 +114,7 @@ def generate_job(cfg: dict, out_path: str) -> None:
 
     import_s = time.perf_counter() - t_import
     with tempfile.TemporaryDirectory() as tmp:
-        generate = {
-            "type": "generate",
-            "models": ["server"],
-            "n": 2,
-            "temperature": cfg["temperature"],
-            "top_p": cfg["top_p"],
-            "max_tokens": cfg["max_tokens"],
-        }
-        recipe_path = server_recipe(Path(tmp), cfg, [generate], "server-limit")
+        recipe_path = server_recipe(Path(tmp), cfg, [generate_stage(cfg)], "server-limit")
         t0 = time.perf_counter()
         result = synthpref.run(recipe_path, fresh=True, progress=False)
         run_s = time.perf_counter() - t0

@@ -74,6 +74,7 @@ from _shared import (
     bench_prompts,
     child_job,
     counter_rows,
+    generate_stage,
     measured_side,
     server_recipe,
     vllm_server,
@@ -149,14 +150,7 @@ def synthpref_job(cfg: dict, out_path: str) -> None:
         root = Path(tmp)
         (root / "judge.jinja").write_text(JUDGE_TEMPLATE)
         stages = [
-            {
-                "type": "generate",
-                "models": ["server"],
-                "n": 2,
-                "temperature": cfg["temperature"],
-                "top_p": cfg["top_p"],
-                "max_tokens": cfg["max_tokens"],
-            },
+            generate_stage(cfg),
             {
                 "type": "rubric_judge",
                 "name": "rating",
