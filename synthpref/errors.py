@@ -31,7 +31,8 @@ The tree, and what each branch means to a caller:
 - ``backends.base.BackendError``: a model backend could not answer. Its subclasses say why:
   ``TransientBackendError`` (429, 5xx, timeout: the shard stops and a rerun retries),
   ``RequestError`` (one request's content: that judgment fails; ``backends.segments.SegmentError`` is
-  one), ``CapabilityError`` (the backend cannot do this at all), and
+  one), ``CapabilityError`` (the backend cannot do this at all; ``backends.decode_loop.NotStackable``
+  is one, caught inside the transformers backend), and
   ``backends.embedded.EmbeddedModelMissing`` (the embedded model's package is not installed).
 - ``hub.errors.PushError``: ``synthpref push`` refused or failed; nothing was uploaded unless the
   message says otherwise.

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from synthpref.backends.base import CapabilityError
+
 
 @dataclass
 class Row:
@@ -69,8 +71,9 @@ def stackable(cache: Any) -> bool:
     return type(cache) is DynamicCache and all(type(x) is DynamicLayer for x in cache.layers)
 
 
-class NotStackable(RuntimeError):
-    """The model's cache is not one this loop can stack; generate with ``model.generate``."""
+class NotStackable(CapabilityError):
+    """The model's cache is not one this loop can stack; the backend catches it and generates with
+    ``model.generate`` instead, so it never reaches a caller."""
 
 
 class DecodeLoop:

@@ -187,9 +187,11 @@ def test_an_over_long_score_request_is_a_request_error_before_reaching_the_serve
 
 
 def _usage_of(reply, **params):
+    """The result of one request answered by ``reply``; n > 1 is known to be supported, so no
+    probe (billed too) is sent first."""
     with FakeServer(lambda path, body: reply) as server:
         (result,) = asyncio.run(
-            scripted(server).generate(
+            scripted(server, supports_n=True).generate(
                 [GenerationRequest(messages=[user("hi")], params=SamplingParams(**params))]
             )
         )
