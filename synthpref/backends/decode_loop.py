@@ -1,5 +1,5 @@
-"""Continuous batching for the transformers backend: rows join and leave a running batch between
-decode steps, instead of a batch running until its longest row ends.
+"""Continuous batching for the transformers backend: one running batch per model, which rows join
+and leave between decode steps, fed by every call that generates on that model at once.
 
 ``model.generate`` keeps every row of a batch in every forward pass until the last one stops, so a
 batch whose replies run 11 to 256 tokens spends most of its passes on rows that have already ended
@@ -8,6 +8,13 @@ that ends leaves the batch at once, and rows waiting for a place are prefilled a
 batch: the KV caches are left-padded to one length and stacked, and each row keeps its own
 positions, so a row computes what it would compute alone. Columns that no remaining row attends to
 (the padding of rows that left) are cut off the cache.
+
+The batch is shared: a :class:`DecodeEngine` runs it in its own thread, and every ``generate`` call
+on the model submits its requests there, whatever their sampling parameters (each row carries its
+request's). A small call would otherwise run alone and decay to a batch of one as its rows end (the
+quickstart generates 10 prompts per call, per model, while its judge asks about the previous shard);
+merged, the candidates of both models and the judge's questions share each forward pass. The device
+lock is taken per forward pass, so scoring calls run between steps.
 
 Each step is one forward pass of the running rows on their last token, then one draw per row:
 greedy, or from the row's own seeded stream (``row_sampling.draw_tokens``, the draw the
@@ -20,42 +27,64 @@ be stacked this way; :func:`stackable` says whether a cache is one, and the back
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from synthpref.backends.base import CapabilityError
 
-
-@dataclass
-class Row:
-    """One sample of one request: its random stream (None: greedy) and what it made."""
-
-    request: int
-    sample: int
-    generator: torch.Generator | None
-    tokens: list[int] = field(default_factory=list)
-    #: per generated token, (log-probabilities, token ids) of the ``top_k`` most likely
-    top: list[tuple[list[float], list[int]]] = field(default_factory=list)
-    position: int = 0
+log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
-    """What every row of one loop shares (the backend groups requests by sampling parameters)."""
+    """How one request's rows are drawn and when they end."""
 
     max_tokens: int
     temperature: float
     top_p: float
     stop_ids: frozenset[int]
     stop_strings: tuple[str, ...] = ()
+    #: top log-probabilities kept per generated token (0: none)
     top_k: int = 0
-    #: most rows in one forward pass
-    max_rows: int = 32
-    #: rows wait until at least this many places are free (each join costs a prefill pass)
-    refill_at: int = 1
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: ``n`` rows from one prompt. ``on_done(rows)`` (rows in sample order) or
+    ``on_error(exc)`` is called once, from the engine's thread."""
+
+    prompt: list[int]
+    n: int
+    settings: Settings
+    #: one per sample: its seeded stream, or None (greedy)
+    generators: Sequence[torch.Generator | None]
+    on_done: Callable[[list[Row]], None]
+    on_error: Callable[[BaseException], None]
+    cancelled: bool = False
+    finished: list[Row] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Row:
+    """One sample of one request and what it made."""
+
+    job: Job
+    sample: int
+    tokens: list[int] = field(default_factory=list)
+    #: per generated token, (log-probabilities, token ids) of the ``top_k`` most likely
+    top: list[tuple[list[float], list[int]]] = field(default_factory=list)
+    position: int = 0
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        return self.job.generators[self.sample]
 
 
 #: prefill ``(prompts, n) -> inputs``: ``input_ids`` [rows, width], ``attention_mask`` and, when the
@@ -66,8 +95,6 @@ Prefill = Callable[[list[list[int]], int], dict[str, Any]]
 def stackable(cache: Any) -> bool:
     """Whether ``cache`` is a DynamicCache of full-attention layers, whose tensors can be padded,
     stacked and cut as this loop does."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
     return type(cache) is DynamicCache and all(type(x) is DynamicLayer for x in cache.layers)
 
 
@@ -77,13 +104,12 @@ class NotStackable(CapabilityError):
 
 
 class DecodeLoop:
-    """One model's running batch: :meth:`run` takes requests (each ``n`` rows) and calls
-    ``on_done(request, rows)`` as soon as all rows of a request have ended."""
+    """One model's running batch, driven by :class:`DecodeEngine`: :meth:`join` prefills jobs into
+    it, :meth:`step` decodes one token for every row, :meth:`leave` takes out the rows that ended."""
 
     def __init__(
         self,
         model: Any,
-        settings: Settings,
         prefill: Prefill,
         tokenizer: Any,
         after_prefill: Callable[[], None] | None = None,
@@ -92,7 +118,6 @@ class DecodeLoop:
         there: a prefill frees the largest activations)."""
         self.model = model
         self.after_prefill = after_prefill
-        self.s = settings
         self.prefill_inputs = prefill
         self.tok = tokenizer
         self.device = next(model.parameters()).device
@@ -100,43 +125,13 @@ class DecodeLoop:
         self.cache: Any = None
         self.mask: torch.Tensor | None = None
         self.last: torch.Tensor | None = None
-        self._tail = max((len(s) for s in settings.stop_strings), default=0)
 
-    def run(
-        self,
-        prompts: Sequence[list[int]],
-        n: int,
-        generators: Sequence[torch.Generator | None],
-        on_done: Callable[[int, list[Row]], None],
-    ) -> None:
-        """Generate ``n`` rows for each prompt, in the order given (the caller sorts by length so
-        rows that join together pad little); ``generators[b * n + s]`` draws for sample ``s`` of
-        prompt ``b``."""
-        pending = list(range(len(prompts)))[::-1]
-        left = {b: n for b in range(len(prompts))}
-        finished: dict[int, list[Row]] = {}
-        while pending or self.rows:
-            free = self.s.max_rows - len(self.rows)
-            want = min(self.s.refill_at, len(pending) * n)
-            if pending and (free >= max(n, want) or not self.rows):
-                take = []
-                while pending and (len(take) + 1) * n <= max(free, n):
-                    take.append(pending.pop())
-                new = [Row(b, s, generators[b * n + s]) for b in take for s in range(n)]
-                self._join(new, [prompts[b] for b in take], n)
-            else:
-                self._step()
-            for row in self._leave():
-                finished.setdefault(row.request, []).append(row)
-                left[row.request] -= 1
-                if not left[row.request]:
-                    on_done(row.request, finished.pop(row.request))
-
-    # one forward pass ------------------------------------------------------------------------
-
-    def _join(self, new: list[Row], prompts: list[list[int]], n: int) -> None:
-        """Prefill ``new`` rows, draw their first tokens, stack them under the running rows."""
-        inputs = self.prefill_inputs(prompts, n)
+    def join(self, jobs: list[Job]) -> None:
+        """Prefill ``jobs`` (all with the same ``n``), draw their first tokens, stack their rows
+        under the running rows."""
+        n = jobs[0].n
+        new = [Row(job, s) for job in jobs for s in range(n)]
+        inputs = self.prefill_inputs([job.prompt for job in jobs], n)
         mask = inputs["attention_mask"]
         ids = inputs["input_ids"]
         cache = inputs.get("past_key_values")
@@ -163,7 +158,7 @@ class DecodeLoop:
         if self.after_prefill is not None:
             self.after_prefill()
 
-    def _step(self) -> None:
+    def step(self) -> None:
         """One decode step of every running row."""
         assert self.mask is not None and self.last is not None
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
@@ -182,44 +177,64 @@ class DecodeLoop:
         _append(self.rows, self.last)
 
     def _draw(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+        """One token per row: greedy rows the argmax, sampled rows from their own streams (rows
+        that share temperature and top-p drawn together; a row's draw reads only its own row)."""
         from synthpref.backends.row_sampling import draw_tokens
 
         logits = logits.float()
-        if self.s.top_k:
-            vals, idx = logits.log_softmax(-1).topk(self.s.top_k, dim=-1)
+        k = max(r.job.settings.top_k for r in rows)
+        if k:
+            vals, idx = logits.log_softmax(-1).topk(k, dim=-1)
             for row, v, i in zip(rows, vals.tolist(), idx.tolist(), strict=True):
-                row.top.append((v, i))
-        if self.s.temperature == 0:
-            return logits.argmax(-1)
-        gens = [r.generator for r in rows]
-        return draw_tokens(logits, gens, self.s.temperature, self.s.top_p)  # type: ignore[arg-type]
-
-    # rows joining and leaving ------------------------------------------------------------------
+                if row.job.settings.top_k:
+                    row.top.append((v[: row.job.settings.top_k], i[: row.job.settings.top_k]))
+        tokens = logits.argmax(-1)
+        sampled: dict[tuple[float, float], list[int]] = {}
+        for j, row in enumerate(rows):
+            s = row.job.settings
+            if s.temperature:
+                sampled.setdefault((s.temperature, s.top_p), []).append(j)
+        for (temperature, top_p), which in sampled.items():
+            gens = [rows[j].generator for j in which]
+            at = torch.tensor(which, device=logits.device)
+            tokens[at] = draw_tokens(logits[at], gens, temperature, top_p)  # type: ignore[arg-type]
+        return tokens
 
     def _stack(self, new: list[Row], cache: Any, mask: torch.Tensor) -> None:
-        if not self.rows:
-            self.rows, self.cache, self.mask = list(new), cache, mask
-            return
-        width = max(mask.shape[1], self.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
-            mine.values = torch.cat(
-                [_pad_left(mine.values, width), _pad_left(theirs.values, width)]
+        """Put the new rows' cache under the running rows', both right-aligned (left-padded with
+        masked zero columns) to the longer width, into layers with room to grow."""
+        width = mask.shape[1] if self.mask is None else max(mask.shape[1], self.mask.shape[1])
+        if self.rows:
+            mine = [(layer.keys, layer.values) for layer in self.cache.layers]
+            self.mask = torch.cat(
+                [_pad_left(self.mask, width, dim=1), _pad_left(mask, width, dim=1)]
             )
-        self.mask = torch.cat([_pad_left(self.mask, width, dim=1), _pad_left(mask, width, dim=1)])
+        else:
+            mine = [None] * len(cache.layers)
+            self.mask = mask
+        for k, (old, layer) in enumerate(zip(mine, cache.layers, strict=True)):
+            keys = [layer.keys] if old is None else [old[0], layer.keys]
+            values = [layer.values] if old is None else [old[1], layer.values]
+            cache.layers[k] = RoomyLayer(_buffer(keys, width), _buffer(values, width), width)
+        self.cache = cache
         self.rows += new
 
     def _ended(self, row: Row) -> bool:
-        if row.tokens[-1] in self.s.stop_ids or len(row.tokens) >= self.s.max_tokens:
+        s = row.job.settings
+        if row.job.cancelled:
             return True
-        if not self._tail:
+        if row.tokens[-1] in s.stop_ids or len(row.tokens) >= s.max_tokens:
+            return True
+        if not s.stop_strings:
             return False
         # the stop string can span at most its length in tokens, plus one partly before it
-        text = self.tok.decode(row.tokens[-(self._tail + 1) :], skip_special_tokens=True)
-        return any(s in text for s in self.s.stop_strings)
+        tail = max(len(x) for x in s.stop_strings)
+        text = self.tok.decode(row.tokens[-(tail + 1) :], skip_special_tokens=True)
+        return any(x in text for x in s.stop_strings)
 
-    def _leave(self) -> list[Row]:
-        """Take the rows that ended out of the batch, and cut the columns nobody attends to."""
+    def leave(self) -> list[Job]:
+        """Take the rows that ended out of the batch, cut the columns nobody attends to, and
+        return the jobs whose every row has now ended (cancelled ones included)."""
         ended = [k for k, row in enumerate(self.rows) if self._ended(row)]
         if not ended:
             return []
@@ -227,25 +242,187 @@ class DecodeLoop:
         keep = [k for k in range(len(self.rows)) if k not in set(ended)]
         self.rows = [self.rows[k] for k in keep]
         if not keep:
-            self.cache = self.mask = self.last = None
-            return gone
-        index = torch.tensor(keep, device=self.device)
-        self.cache.batch_select_indices(index)
-        assert self.mask is not None and self.last is not None
-        self.mask, self.last = self.mask[index], self.last[index]
-        used = self.mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else 0
-        if start:
-            for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, start:].contiguous()
-                layer.values = layer.values[:, :, start:].contiguous()
+            self.reset()
+        else:
+            index = torch.tensor(keep, device=self.device)
+            assert self.mask is not None and self.last is not None
+            self.mask, self.last = self.mask[index], self.last[index]
+            used = self.mask.any(dim=0).nonzero()
+            start = int(used[0]) if len(used) else 0
             self.mask = self.mask[:, start:]
-        return gone
+            width = self.mask.shape[1]
+            for k, layer in enumerate(self.cache.layers):
+                keys = _buffer([layer.keys[index, :, start:]], width)
+                values = _buffer([layer.values[index, :, start:]], width)
+                self.cache.layers[k] = RoomyLayer(keys, values, width)
+        complete = []
+        for row in gone:
+            row.job.finished.append(row)
+            if len(row.job.finished) == row.job.n:
+                row.job.finished.sort(key=lambda r: r.sample)
+                complete.append(row.job)
+        return complete
+
+    def reset(self) -> list[Job]:
+        """Empty the batch; returns the jobs that had rows in it."""
+        jobs = list({id(r.job): r.job for r in self.rows}.values())
+        self.rows = []
+        self.cache = self.mask = self.last = None
+        return jobs
+
+
+class DecodeEngine:
+    """A model's shared running batch, stepped by a thread of its own while any job is running or
+    waiting (started by :meth:`submit`, ended when both are empty).
+
+    Jobs wait in the order submitted (callers sort theirs by prompt length, so rows that join
+    together pad little). Waiting rows join when at least ``refill_at`` places are free (or the
+    batch is empty): each join costs a prefill pass, so rows do not join one by one. An error in a
+    forward pass fails every job running or waiting (``on_error``) and empties the batch.
+    """
+
+    def __init__(
+        self,
+        loop: DecodeLoop,
+        lock: threading.Lock,
+        max_rows: int,
+        refill_at: int = 1,
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
+        self.loop = loop
+        self.lock = lock
+        self.max_rows = max_rows
+        self.refill_at = refill_at
+        self.on_idle = on_idle
+        self._waiting: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        with self._cv:
+            self._waiting.extend(jobs)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="synthpref-decode", daemon=True
+                )
+                self._thread.start()
+
+    def cancel(self, jobs: Sequence[Job]) -> None:
+        """Stop ``jobs``: waiting ones never start, running rows leave at the next step; their
+        callbacks are not called."""
+        with self._cv:
+            for job in jobs:
+                job.cancelled = True
+
+    def _next_joins(self) -> list[Job]:
+        """Jobs to prefill now (all with the head's ``n``), or [] to step the running rows."""
+        while self._waiting and self._waiting[0].cancelled:
+            self._waiting.popleft()
+        if not self._waiting:
+            return []
+        running = len(self.loop.rows)
+        free = self.max_rows - running
+        n = self._waiting[0].n
+        waiting = sum(job.n for job in self._waiting if not job.cancelled)
+        if running and free < max(n, min(self.refill_at, waiting)):
+            return []
+        take: list[Job] = []
+        while self._waiting and self._waiting[0].n == n and (len(take) + 1) * n <= max(free, n):
+            job = self._waiting.popleft()
+            if not job.cancelled:
+                take.append(job)
+        return take
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    take = self._next_joins()
+                    if not take and not self.loop.rows:
+                        self._thread = None
+                        break
+                try:
+                    with self.lock:
+                        if take:
+                            self.loop.join(take)
+                        else:
+                            self.loop.step()
+                    complete = self.loop.leave()
+                except Exception as exc:
+                    self._fail(take, exc)
+                    continue
+                for job in complete:
+                    if not job.cancelled:
+                        _call(job.on_done, job.finished)
+        if self.on_idle is not None:
+            self.on_idle()
+
+    def _fail(self, joining: list[Job], exc: Exception) -> None:
+        with self._cv:
+            jobs = joining + self.loop.reset() + list(self._waiting)
+            self._waiting.clear()
+        for job in {id(j): j for j in jobs}.values():
+            if not job.cancelled:
+                _call(job.on_error, exc)
+
+
+def _call(callback: Callable[[Any], None], arg: Any) -> None:
+    """A job's callback, whose failure (its event loop closed meanwhile) must not stop the thread
+    that steps everyone else's rows."""
+    try:
+        callback(arg)
+    except Exception:
+        log.exception("a decode job's callback failed")
 
 
 def _append(rows: list[Row], tokens: torch.Tensor) -> None:
     for row, t in zip(rows, tokens.tolist(), strict=True):
         row.tokens.append(t)
+
+
+#: free cache columns a layer keeps after its last; a step writes its column there, and a full
+#: layer is copied into a buffer this much longer (one copy per ROOM steps, not one per step)
+ROOM = 64
+
+
+class RoomyLayer(DynamicLayer):
+    """A cache layer whose ``keys``/``values`` are views of the first ``n`` columns of longer
+    buffers: a decode step writes its column in place, where ``DynamicLayer`` concatenates,
+    copying the whole cache of every layer at every step (38% of a step's time at 32 rows of 200
+    tokens on 2 CPU cores)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, n: int) -> None:
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._k, self._v, self._n = keys, values, n
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        new = key_states.shape[2]
+        if self._n + new > self._k.shape[2]:
+            self._k = _buffer([self.keys], self._n, room=max(ROOM, new))
+            self._v = _buffer([self.values], self._n, room=max(ROOM, new))
+        self._k[:, :, self._n : self._n + new] = key_states
+        self._v[:, :, self._n : self._n + new] = value_states
+        self._n += new
+        self._views()
+        return self.keys, self.values
+
+
+def _buffer(parts: list[torch.Tensor], width: int, room: int = ROOM) -> torch.Tensor:
+    """``parts`` ([rows, heads, length, dim] each) stacked by row, each right-aligned at column
+    ``width`` (the columns before it zero, masked out), in a buffer ``room`` columns longer."""
+    first = parts[0]
+    rows = sum(p.shape[0] for p in parts)
+    out = first.new_zeros((rows, first.shape[1], width + room, first.shape[3]))
+    r = 0
+    for p in parts:
+        out[r : r + p.shape[0], :, width - p.shape[2] : width] = p
+        r += p.shape[0]
+    return out
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

@@ -4,8 +4,9 @@ One module (over 400 lines) because generation and scoring share model loading, 
 batching and the KV-cache prefix sharing below; per-row sampling, the output head and reward models
 live in ``row_sampling.py``, ``output_head.py`` and ``transformers_reward.py``.
 
-Generation is batched and left-padded; requests are grouped by sampling parameters and sorted by length
-so padding stays small. Each sample of each request draws from its own random stream, seeded from that
+Generation is continuously batched (``decode_loop.py``): every call's requests, shortest prompt first,
+join the model's one running batch whatever their sampling parameters, and leave it as they end;
+``model.generate`` on left-padded batches grouped by sampling parameters is the fallback. Each sample of each request draws from its own random stream, seeded from that
 request and its seed alone (``row_sampling.py``), so its text does not depend on ``batch_size``, on the
 number of workers or on which other requests share its batch: a resumed run that regenerates only its
 cache misses produces what an uninterrupted run would have.
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from synthpref.backends.base import Backend, Capability, OnGenerated, OnScored
 from synthpref.backends.end_of_turn import identity_tag, stop_token_ids
+from synthpref.backends.gqa_attention import use_masked_gqa
 from synthpref.backends.reasoning import split_reasoning
 from synthpref.backends.segments import render_segment
 from synthpref.backends.types import (
@@ -93,6 +95,7 @@ def load_model(
     if not spread:
         model.to(device)
     model.eval()
+    use_masked_gqa(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -268,30 +271,28 @@ class TransformersBackend(LocalModelBackend):
         raw: bool,
     ) -> list[GenerationResult]:
         results: list[GenerationResult | None] = [None] * len(requests)
-        loop = asyncio.get_running_loop()
 
         def report(i: int, out: GenerationResult) -> None:
-            """Called from the generating thread as each request ends; reported on the loop."""
             results[i] = out
             if on_result:
-                loop.call_soon_threadsafe(on_result, i, out)
+                on_result(i, out)
 
-        for group in self._plan_generation(requests, ids):
-            if self.continuous_batching:
-                try:
-                    await asyncio.to_thread(
-                        self._generate_continuous, requests, ids, group, raw, report
-                    )
-                    continue
-                except Exception as exc:  # a cache the loop cannot stack, or a model it cannot run
-                    log.warning(
-                        "continuous batching failed on %s (%s: %s); generating with model.generate",
-                        self.model_path,
-                        type(exc).__name__,
-                        exc,
-                    )
-                    self.continuous_batching = False
-                group = [i for i in group if results[i] is None]
+        if self.continuous_batching:
+            try:
+                await self._generate_continuous(requests, ids, raw, report)
+            except Exception as exc:  # a cache the loop cannot stack, or a model it cannot run
+                log.warning(
+                    "continuous batching failed on %s (%s: %s); generating with model.generate",
+                    self.model_path,
+                    type(exc).__name__,
+                    exc,
+                )
+                self.continuous_batching = False
+            else:
+                return results  # type: ignore[return-value]
+        left = [i for i in range(len(requests)) if results[i] is None]
+        for group in self._plan_generation([requests[i] for i in left], [ids[i] for i in left]):
+            group = [left[k] for k in group]
             per = max(1, self.batch_size // requests[group[0]].params.n)
             for batch in even_chunks(group, per):
                 outs = await asyncio.to_thread(
@@ -299,7 +300,6 @@ class TransformersBackend(LocalModelBackend):
                 )
                 for i, out in zip(batch, outs, strict=True):
                     report(i, out)
-        await asyncio.sleep(0)  # let the last reports scheduled from the thread run
         return results  # type: ignore[return-value]
 
     def _plan_generation(
@@ -307,8 +307,8 @@ class TransformersBackend(LocalModelBackend):
         requests: Sequence[GenerationRequest | CompletionRequest],
         ids: Sequence[list[int]],
     ) -> list[list[int]]:
-        """Requests grouped by sampling parameters, each group sorted by prompt length (rows that
-        start together pad little)."""
+        """Requests grouped by sampling parameters (``model.generate`` takes one set per batch),
+        each group sorted by prompt length (rows that start together pad little)."""
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             key = r.params.model_copy(update={"seed": None}).model_dump_json() + str(_top_k(r))
@@ -318,62 +318,92 @@ class TransformersBackend(LocalModelBackend):
             for key in sorted(groups)
         ]
 
-    def _generate_continuous(
+    @cached_property
+    def _engine(self):
+        """This backend's running batch (``decode_loop.DecodeEngine``), shared by its calls."""
+        from synthpref.backends.decode_loop import DecodeEngine, DecodeLoop
+
+        loop = DecodeLoop(
+            self.model,
+            lambda ids, n: self._generation_inputs(ids, n),  # looked up per join, not bound once
+            self.tokenizer,
+            after_prefill=_release_freed_memory,
+        )
+        return DecodeEngine(
+            loop,
+            self._lock,
+            max_rows=self.batch_size,
+            refill_at=max(1, self.batch_size // 4),
+            on_idle=_release_freed_memory,
+        )
+
+    async def _generate_continuous(
         self,
         requests: Sequence[GenerationRequest | CompletionRequest],
         ids: list[list[int]],
-        group: list[int],
         raw: bool,
         report: Callable[[int, GenerationResult], None],
     ) -> None:
-        """One group of requests through :class:`~synthpref.backends.decode_loop.DecodeLoop`."""
-        import torch
-
-        from synthpref.backends.decode_loop import DecodeLoop, Settings
+        """Every request through the model's shared running batch, shortest prompt first; each
+        reported as it ends. Raises the engine's error if a forward pass failed."""
+        from synthpref.backends.decode_loop import Job, Settings
         from synthpref.backends.row_sampling import row_generators
 
-        first = requests[group[0]]
-        params, top_k = first.params, _top_k(first)
-        settings = Settings(
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            stop_ids=frozenset(self.stop_ids),
-            stop_strings=tuple(params.stop),
-            top_k=top_k,
-            max_rows=max(self.batch_size, params.n),
-            refill_at=max(params.n, self.batch_size // 4),
-        )
-        batch = [requests[i] for i in group]
-        gens = (
-            row_generators(batch, self.identity, params.n, self.device)
-            if params.temperature
-            else [None] * (len(batch) * params.n)
-        )
+        loop = asyncio.get_running_loop()
+        order = sorted(range(len(requests)), key=lambda i: (len(ids[i]), requests[i].cache_key("")))
+        futures: list[asyncio.Future] = []
+        jobs: list[Job] = []
         stop_ids = self.stop_ids
+        for i in order:
+            req = requests[i]
+            p, top_k = req.params, _top_k(req)
+            future = loop.create_future()
 
-        def done(b: int, rows) -> None:
-            req = batch[b]
-            completions = []
-            for row in sorted(rows, key=lambda r: r.sample):
-                top = ([v for v, _ in row.top], [i for _, i in row.top]) if top_k else None
-                completions.append(self._completion(row.tokens, stop_ids, req, top, raw))
-            result = GenerationResult(completions=completions, prompt_tokens=len(ids[group[b]]))
-            report(group[b], result)
+            def done(rows, i=i, req=req, top_k=top_k, future=future) -> None:
+                def finish() -> None:
+                    if future.done():  # the call was cancelled or failed meanwhile
+                        return
+                    completions = []
+                    for row in rows:
+                        top = ([v for v, _ in row.top], [t for _, t in row.top]) if top_k else None
+                        completions.append(self._completion(row.tokens, stop_ids, req, top, raw))
+                    report(i, GenerationResult(completions=completions, prompt_tokens=len(ids[i])))
+                    future.set_result(None)
 
-        with self._lock, torch.inference_mode():
-            loop = DecodeLoop(
-                self.model,
-                settings,
-                self._generation_inputs,
-                self.tokenizer,
-                after_prefill=_release_freed_memory,
+                loop.call_soon_threadsafe(finish)
+
+            def failed(exc, future=future) -> None:
+                loop.call_soon_threadsafe(
+                    lambda: future.done() or future.set_exception(exc)  # type: ignore[func-returns-value]
+                )
+
+            gens = (
+                row_generators([req], self.identity, p.n, self.device)
+                if p.temperature
+                else [None] * p.n
             )
-            try:
-                loop.run([ids[i] for i in group], params.n, gens, done)
-            finally:
-                del loop
-                _release_freed_memory()
+            settings = Settings(
+                max_tokens=p.max_tokens,
+                temperature=p.temperature,
+                top_p=p.top_p,
+                stop_ids=frozenset(stop_ids),
+                stop_strings=tuple(p.stop),
+                top_k=top_k,
+            )
+            jobs.append(Job(ids[i], p.n, settings, gens, done, failed))
+            futures.append(future)
+        engine = self._engine
+        engine.submit(jobs)
+        try:
+            await asyncio.gather(*futures)
+        except BaseException:
+            engine.cancel(jobs)
+            for f in futures:  # the others' outcomes are dropped with this call
+                if f.done() and not f.cancelled():
+                    f.exception()
+                else:
+                    f.cancel()
+            raise
 
     def _generate_batch(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from pydantic import Field
 
 from synthpref.backends.types import GenerationRequest, SamplingParams
@@ -87,11 +89,18 @@ class Generate(Stage):
         return [name for name, _, _ in self._entries()]
 
     async def process(self, records: list[Record]) -> list[Record]:
+        """Every model's requests are sent at once: a server gets them all in flight, and models on
+        one local backend share its running batch. Candidates are added in the order of
+        ``models``."""
         assert self.ctx is not None
-        for name, key, sampling in self._entries():
-            client = self.ctx.model(name)
+        entries = self._entries()
+
+        async def ask(name: str, sampling: SamplingParams):
             requests = [GenerationRequest(messages=r.prompt, params=sampling) for r in records]
-            results = await client.generate(requests)
+            return await self.ctx.model(name).generate(requests)  # type: ignore[union-attr]
+
+        answers = await _gather(ask(name, sampling) for name, _, sampling in entries)
+        for (name, key, sampling), results in zip(entries, answers, strict=True):
             for record, result in zip(records, results, strict=True):
                 for k, completion in enumerate(result.completions):
                     record.candidates.append(
@@ -113,3 +122,16 @@ class Generate(Stage):
                     if not completion.text.strip():
                         self.counters["empty_candidates"] += 1
         return records
+
+
+async def _gather(calls) -> list:
+    """The calls' results in order; when one fails, the others are cancelled before the error
+    goes on (no model keeps generating for a shard that is stopping)."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -102,25 +102,24 @@ def test_rows_leave_when_they_end_and_waiting_rows_join(backend, monkeypatch):
     step ever holds more rows than ``batch_size``."""
     steps: list[int] = []
     joins: list[int] = []
-    step, join = decode_loop.DecodeLoop._step, decode_loop.DecodeLoop._join
+    step, join = decode_loop.DecodeLoop.step, decode_loop.DecodeLoop.join
 
     def counted_step(self):
         steps.append(len(self.rows))
-        assert len(self.rows) <= self.s.max_rows
         return step(self)
 
-    def counted_join(self, new, prompts, n):
+    def counted_join(self, jobs):
         joins.append(len(self.rows))  # rows already running when these join
-        return join(self, new, prompts, n)
+        return join(self, jobs)
 
-    monkeypatch.setattr(decode_loop.DecodeLoop, "_step", counted_step)
-    monkeypatch.setattr(decode_loop.DecodeLoop, "_join", counted_join)
+    monkeypatch.setattr(decode_loop.DecodeLoop, "step", counted_step)
+    monkeypatch.setattr(decode_loop.DecodeLoop, "join", counted_join)
     # replies end at their first full stop, at different steps
     params = SamplingParams(temperature=0, max_tokens=24, stop=["."])
     results = _generate(backend, _requests(params), True)
     generated = [r.completions[0].completion_tokens for r in results]
     assert sum(steps) == sum(g - 1 for g in generated)
-    assert max(steps) <= 3 and len(joins) >= 2
+    assert max(steps) <= backend.batch_size and len(joins) >= 2
     assert any(running > 0 for running in joins), "no row joined a running batch"
 
 
@@ -146,3 +145,93 @@ def test_each_request_is_reported_as_it_ends(backend):
     results = asyncio.run(backend.generate(requests, on_result=lambda i, r: seen.append(i)))
     assert sorted(seen) == list(range(len(requests)))
     assert all(r is not None for r in results)
+
+
+def test_concurrent_calls_share_steps_and_each_reads_as_if_alone(backend, monkeypatch):
+    """Two calls with different sampling (greedy, and n=2 sampled with a stop string) in flight at
+    once run in the one running batch; each call's texts equal the fixed-batch path run on that
+    call alone (an independent computation: ``model.generate``, one sampling setting a batch)."""
+    greedy = _requests(SamplingParams(temperature=0, max_tokens=16))[2:3]  # the longest prompt
+    sampled = _requests(
+        SamplingParams(n=2, temperature=0.9, top_p=0.95, max_tokens=16, seed=3, stop=["."])
+    )[3:]
+    alone = [_generate(backend, greedy, False), _generate(backend, sampled, False)]
+    mixed_steps = []
+    step = decode_loop.DecodeLoop.step
+
+    def watched(self):
+        mixed_steps.append(len({r.job.settings for r in self.rows}) > 1)
+        return step(self)
+
+    monkeypatch.setattr(decode_loop.DecodeLoop, "step", watched)
+
+    async def both():
+        return await asyncio.gather(backend.generate(greedy), backend.generate(sampled))
+
+    together = asyncio.run(both())
+    assert any(mixed_steps), "the two calls never shared a forward pass"
+    for mine, ref in zip(together, alone, strict=True):
+        assert [[c.text for c in r.completions] for r in mine] == [
+            [c.text for c in r.completions] for r in ref
+        ]
+        assert [[c.finish_reason for c in r.completions] for r in mine] == [
+            [c.finish_reason for c in r.completions] for r in ref
+        ]
+
+
+def test_a_cancelled_call_leaves_the_batch_and_the_engine_stops(backend, monkeypatch):
+    steps = []
+    step = decode_loop.DecodeLoop.step
+
+    def counted(self):
+        steps.append(len(self.rows))
+        return step(self)
+
+    monkeypatch.setattr(decode_loop.DecodeLoop, "step", counted)
+    requests = _requests(SamplingParams(temperature=0, max_tokens=400))
+
+    async def cancel_soon():
+        task = asyncio.ensure_future(backend.generate(requests))
+        while len(steps) < 3:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_soon())
+    engine = backend._engine
+    thread = engine._thread
+    if thread is not None:
+        thread.join(timeout=30)
+    assert engine._thread is None and engine.loop.rows == []
+    assert len(steps) < 20, "the cancelled rows kept generating"
+
+
+def test_a_forward_pass_that_fails_midway_falls_back_for_every_unfinished_request(
+    backend, monkeypatch
+):
+    """A step that raises with rows running fails all of them (none is lost or half-reported);
+    the call regenerates the unfinished ones on ``model.generate`` and gets what that path gives."""
+    requests = _requests(SamplingParams(n=2, temperature=0.7, max_tokens=10, seed=2))
+    fixed = _generate(backend, requests, continuous=False)
+    step = decode_loop.DecodeLoop.step
+    calls = []
+
+    def breaks_once(self):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("out of memory")
+        return step(self)
+
+    monkeypatch.setattr(decode_loop.DecodeLoop, "step", breaks_once)
+    backend.continuous_batching = True
+    try:
+        seen: list[int] = []
+        out = asyncio.run(backend.generate(requests, on_result=lambda i, r: seen.append(i)))
+        assert backend.continuous_batching is False
+    finally:
+        del backend.continuous_batching
+    assert sorted(seen) == list(range(len(requests)))  # each reported once
+    assert [[c.text for c in r.completions] for r in out] == [
+        [c.text for c in r.completions] for r in fixed
+    ]

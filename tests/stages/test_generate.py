@@ -126,3 +126,47 @@ def test_readme_syntax_end_to_end_every_candidate_judged(tmp_path: Path):
         assert len(ids) == 4 and len(set(ids)) == 4, ids
         judged = [j["candidate_ids"] for j in row["judgments"] if j["judge"] == "rating"]
         assert sorted(cid for ids_ in judged for cid in ids_) == sorted(ids), (ids, judged)
+
+
+class _Slow:
+    """A client double that records how many calls are in flight and answers after ``delay``
+    seconds (or raises ``fail``)."""
+
+    def __init__(self, log: list, delay: float, fail: Exception | None = None):
+        self.log, self.delay, self.fail = log, delay, fail
+        self.cancelled = False
+
+    async def generate(self, requests):
+        self.log.append(+1)
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        finally:
+            self.log.append(-1)
+        if self.fail:
+            raise self.fail
+        return await _Echo().generate(requests)
+
+
+def test_every_model_is_asked_at_once_and_candidates_keep_the_recipe_order():
+    """Models on one local backend share its running batch only if their calls are in flight
+    together; the slower first model's candidates still come first."""
+    log: list[int] = []
+    stage = Generate("generate", GenerateParams.model_validate({"models": ["a", "b"], "n": 1}))
+    stage.ctx = StageContext({"a": _Slow(log, 0.2), "b": _Slow(log, 0.0)})
+    [record] = asyncio.run(stage.process([_record()]))
+    in_flight = [sum(log[: k + 1]) for k in range(len(log))]
+    assert max(in_flight) == 2
+    assert [c.model for c in record.candidates] == ["a", "b"]
+
+
+def test_a_failing_model_cancels_the_others_of_the_shard():
+    log: list[int] = []
+    slow = _Slow(log, 5.0)
+    stage = Generate("generate", GenerateParams.model_validate({"models": ["a", "b"], "n": 1}))
+    stage.ctx = StageContext({"a": slow, "b": _Slow(log, 0.0, fail=RuntimeError("down"))})
+    with pytest.raises(RuntimeError, match="down"):
+        asyncio.run(stage.process([_record()]))
+    assert slow.cancelled and sum(log) == 0
