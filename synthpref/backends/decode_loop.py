@@ -113,6 +113,7 @@ class DecodeLoop:
         prefill: Prefill,
         tokenizer: Any,
         after_prefill: Callable[[], None] | None = None,
+        prefill_tokens: int = 2048,
     ) -> None:
         """``after_prefill`` runs after each join (the backend hands freed heap back to the OS
         there: a prefill frees the largest activations)."""
@@ -121,6 +122,8 @@ class DecodeLoop:
         self.prefill_inputs = prefill
         self.tok = tokenizer
         self.device = next(model.parameters()).device
+        #: most padded prompt tokens in one prefill pass
+        self.prefill_tokens = prefill_tokens
         self.rows: list[Row] = []
         self.cache: Any = None
         self.mask: torch.Tensor | None = None
@@ -128,7 +131,15 @@ class DecodeLoop:
 
     def join(self, jobs: list[Job]) -> None:
         """Prefill ``jobs`` (all with the same ``n``), draw their first tokens, stack their rows
-        under the running rows."""
+        under the running rows. Jobs run in parts of at most ``prefill_tokens`` padded tokens
+        (at least one job each), each part padded only to its own longest prompt: callers sort
+        jobs by length, so a join of prompts from 300 to 600 tokens does not pad all to 600."""
+        for part in _parts(jobs, self.prefill_tokens):
+            self._prefill(part)
+        if self.after_prefill is not None:
+            self.after_prefill()
+
+    def _prefill(self, jobs: list[Job]) -> None:
         n = jobs[0].n
         new = [Row(job, s) for job in jobs for s in range(n)]
         inputs = self.prefill_inputs([job.prompt for job in jobs], n)
@@ -155,8 +166,6 @@ class DecodeLoop:
         self._stack(new, out.past_key_values, mask)
         self.last = tokens if last is None else torch.cat([last, tokens])
         del out, inputs
-        if self.after_prefill is not None:
-            self.after_prefill()
 
     def step(self) -> None:
         """One decode step of every running row."""
@@ -373,6 +382,22 @@ def _call(callback: Callable[[Any], None], arg: Any) -> None:
         callback(arg)
     except Exception:
         log.exception("a decode job's callback failed")
+
+
+def _parts(jobs: list[Job], budget: int) -> list[list[Job]]:
+    """``jobs`` in order, cut into runs whose rows padded to their longest prompt stay within
+    ``budget`` tokens (a job longer than that runs alone)."""
+    parts: list[list[Job]] = [[]]
+    longest = 0
+    for job in jobs:
+        wider = max(longest, len(job.prompt))
+        part = parts[-1]
+        if part and (len(part) + 1) * job.n * wider > budget:
+            parts.append([])
+            part, wider = parts[-1], len(job.prompt)
+        part.append(job)
+        longest = wider
+    return parts
 
 
 def _append(rows: list[Row], tokens: torch.Tensor) -> None:

@@ -235,3 +235,36 @@ def test_a_forward_pass_that_fails_midway_falls_back_for_every_unfinished_reques
     assert [[c.text for c in r.completions] for r in out] == [
         [c.text for c in r.completions] for r in fixed
     ]
+
+
+def test_a_join_prefills_in_parts_within_its_token_budget(backend, monkeypatch):
+    """Prompts of 10 to 40 tokens joining together run in several prefill passes, each padded
+    only to its own longest prompt; what every row then generates is unchanged."""
+    requests = _requests(SamplingParams(n=2, temperature=0.8, max_tokens=12, seed=9, stop=["."]))
+    fixed = _generate(backend, requests, continuous=False)
+    widths: list[int] = []
+    prefill = decode_loop.DecodeLoop._prefill
+
+    def counted(self, jobs):
+        widths.append(max(len(j.prompt) for j in jobs) * len(jobs) * jobs[0].n)
+        return prefill(self, jobs)
+
+    monkeypatch.setattr(decode_loop.DecodeLoop, "_prefill", counted)
+    monkeypatch.setattr(backend._engine.loop, "prefill_tokens", 100)
+    running = _generate(backend, requests, continuous=True)
+    assert len(widths) >= 3
+    assert all(w <= 100 for w in widths if w > 2 * 50)  # a part over budget holds one job alone
+    for a, b in zip(fixed, running, strict=True):
+        assert [c.text for c in a.completions] == [c.text for c in b.completions]
+
+
+def test_parts_keep_order_and_budget():
+    def job(length: int, n: int = 1) -> decode_loop.Job:
+        return decode_loop.Job([0] * length, n, None, [None] * n, print, print)  # type: ignore[arg-type]
+
+    jobs = [job(10), job(10), job(30), job(30), job(30), job(200)]
+    parts = decode_loop._parts(jobs, 64)
+    assert [j for p in parts for j in p] == jobs  # every job once, in order
+    assert [[len(j.prompt) for j in p] for p in parts] == [[10, 10], [30, 30], [30], [200]]
+    two = decode_loop._parts([job(10, n=2), job(10, n=2), job(10, n=2)], 40)
+    assert [len(p) for p in two] == [2, 1]  # rows, not jobs, count: 2 jobs x 2 rows x 10
