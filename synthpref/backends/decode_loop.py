@@ -133,13 +133,15 @@ class DecodeLoop:
         """Prefill ``jobs`` (all with the same ``n``), draw their first tokens, stack their rows
         under the running rows. Jobs run in parts of at most ``prefill_tokens`` padded tokens
         (at least one job each), each part padded only to its own longest prompt: callers sort
-        jobs by length, so a join of prompts from 300 to 600 tokens does not pad all to 600."""
-        for part in _parts(jobs, self.prefill_tokens):
-            self._prefill(part)
+        jobs by length, so a join of prompts from 300 to 600 tokens does not pad all to 600. The
+        running cache is restacked once per join, not once per part."""
+        parts = [self._prefill(part) for part in _parts(jobs, self.prefill_tokens)]
+        self._stack(parts)
         if self.after_prefill is not None:
             self.after_prefill()
 
-    def _prefill(self, jobs: list[Job]) -> None:
+    def _prefill(self, jobs: list[Job]) -> tuple[list[Row], Any, torch.Tensor]:
+        """One prefill pass: the new rows (first token drawn), their cache and attention mask."""
         n = jobs[0].n
         new = [Row(job, s) for job in jobs for s in range(n)]
         inputs = self.prefill_inputs([job.prompt for job in jobs], n)
@@ -160,12 +162,8 @@ class DecodeLoop:
             raise NotStackable(type(out.past_key_values).__name__)
         for row, p in zip(new, positions[:, -1].tolist(), strict=True):
             row.position = p + 1
-        tokens = self._draw(out.logits[:, -1, :], new)
-        _append(new, tokens)
-        last = self.last
-        self._stack(new, out.past_key_values, mask)
-        self.last = tokens if last is None else torch.cat([last, tokens])
-        del out, inputs
+        _append(new, self._draw(out.logits[:, -1, :], new))
+        return new, out.past_key_values, mask
 
     def step(self) -> None:
         """One decode step of every running row."""
@@ -209,24 +207,31 @@ class DecodeLoop:
             tokens[at] = draw_tokens(logits[at], gens, temperature, top_p)  # type: ignore[arg-type]
         return tokens
 
-    def _stack(self, new: list[Row], cache: Any, mask: torch.Tensor) -> None:
-        """Put the new rows' cache under the running rows', both right-aligned (left-padded with
-        masked zero columns) to the longer width, into layers with room to grow."""
-        width = mask.shape[1] if self.mask is None else max(mask.shape[1], self.mask.shape[1])
+    def _stack(self, parts: list[tuple[list[Row], Any, torch.Tensor]]) -> None:
+        """Put the new parts' rows and caches under the running rows', all right-aligned
+        (left-padded with masked zero columns) to the widest, into layers with room to grow. Each
+        old layer is dropped as its replacement is built, so the cache is never held twice."""
+        masks = ([self.mask] if self.rows else []) + [mask for _, _, mask in parts]
+        width = max(m.shape[1] for m in masks)
+        self.mask = torch.cat([_pad_left(m, width, dim=1) for m in masks])
+        layers = [cache.layers for _, cache, _ in parts]
         if self.rows:
-            mine = [(layer.keys, layer.values) for layer in self.cache.layers]
-            self.mask = torch.cat(
-                [_pad_left(self.mask, width, dim=1), _pad_left(mask, width, dim=1)]
-            )
-        else:
-            mine = [None] * len(cache.layers)
-            self.mask = mask
-        for k, (old, layer) in enumerate(zip(mine, cache.layers, strict=True)):
-            keys = [layer.keys] if old is None else [old[0], layer.keys]
-            values = [layer.values] if old is None else [old[1], layer.values]
-            cache.layers[k] = RoomyLayer(_buffer(keys, width), _buffer(values, width), width)
-        self.cache = cache
-        self.rows += new
+            layers.insert(0, self.cache.layers)
+        for k in range(len(layers[0])):
+            keys = [group[k].keys for group in layers]
+            values = [group[k].values for group in layers]
+            for group in layers:
+                group[k] = None
+            layers[0][k] = RoomyLayer(_buffer(keys, width), _buffer(values, width), width)
+            del keys, values
+        if not self.rows:
+            self.cache = parts[0][1]
+        self.last = torch.cat(
+            ([self.last] if self.rows else [])
+            + [torch.tensor([r.tokens[-1] for r in new], device=self.device) for new, _, _ in parts]
+        )
+        for new, _, _ in parts:
+            self.rows += new
 
     def _ended(self, row: Row) -> bool:
         s = row.job.settings

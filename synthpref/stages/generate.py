@@ -125,11 +125,28 @@ class Generate(Stage):
 
 
 async def _gather(calls) -> list:
-    """The calls' results in order; when one fails, the others are cancelled before the error
-    goes on (no model keeps generating for a shard that is stopping)."""
+    """The calls' results in order. When one fails, the others are cancelled before the error goes
+    on (no model keeps generating for a shard that is stopping); when one pauses (batch jobs still
+    running), the others are let finish submitting theirs, so one pass puts all of a shard's work
+    with the provider, and then the pause goes on."""
+    from synthpref.errors import RunPaused
+
+    def first_error(tasks, hard_only: bool):
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                if not (hard_only and isinstance(t.exception(), RunPaused)):
+                    return t.exception()
+        return None
+
     tasks = [asyncio.ensure_future(c) for c in calls]
     try:
-        return await asyncio.gather(*tasks)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        if (error := first_error(tasks, hard_only=True)) is not None:
+            raise error
+        await asyncio.wait(tasks)
+        if (error := first_error(tasks, hard_only=False)) is not None:
+            raise error
+        return [t.result() for t in tasks]
     except BaseException:
         for t in tasks:
             t.cancel()

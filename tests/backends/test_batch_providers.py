@@ -134,9 +134,9 @@ def test_no_wait_stops_then_a_rerun_collects_and_resubmits_only_expired_lines(tm
         code, output = invoke(path)
         assert code == 3, output
         assert "paused:" in output and "run the same command later" in output
-        # one job per shard's generation calls (two shards)
+        # one job per model per shard's generation calls (two models, asked at once; two shards)
         first_jobs = list(server.jobs)
-        assert len(first_jobs) == 2
+        assert len(first_jobs) == 4
         # a rerun while they run submits nothing
         code, _ = invoke(path)
         assert code == 3 and list(server.jobs) == first_jobs

@@ -170,3 +170,17 @@ def test_a_failing_model_cancels_the_others_of_the_shard():
     with pytest.raises(RuntimeError, match="down"):
         asyncio.run(stage.process([_record()]))
     assert slow.cancelled and sum(log) == 0
+
+
+def test_a_pausing_model_lets_the_others_finish_then_pauses():
+    """A model whose batch jobs are still out pauses; the shard's other models still get their
+    work to the provider in this pass (not cancelled), then the pause goes on."""
+    from synthpref.errors import RunPaused
+
+    log: list[int] = []
+    slow = _Slow(log, 0.3)
+    stage = Generate("generate", GenerateParams.model_validate({"models": ["a", "b"], "n": 1}))
+    stage.ctx = StageContext({"a": _Slow(log, 0.0, fail=RunPaused("jobs out")), "b": slow})
+    with pytest.raises(RunPaused, match="jobs out"):
+        asyncio.run(stage.process([_record()]))
+    assert not slow.cancelled and sum(log) == 0
