@@ -635,6 +635,11 @@ def _clean(value: Any) -> Any:
     return value
 
 
+#: embedded log-prob scores computed in other batches (after a kill, on other executors, beside
+#: other rows of a running batch): padding and batch shape move the last bits of float32 sums
+EMBEDDED_TOLERANCE = 1e-5
+
+
 def differences(actual: Any, expected: Any, tol: float, where: str = "") -> list[str]:
     """Where two decoded datasets differ: structure and text exactly, floats within ``tol``
     (absolute, or relative to the larger magnitude)."""

@@ -26,6 +26,7 @@ batch instead of once per candidate.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ctypes
 import logging
 import threading
@@ -350,6 +351,9 @@ class TransformersBackend(LocalModelBackend):
         from synthpref.backends.row_sampling import row_generators
 
         loop = asyncio.get_running_loop()
+        # results are reported in the caller's context, as they were from asyncio.to_thread (a
+        # context variable set around this call, e.g. the stage and shard, reaches on_result)
+        context = contextvars.copy_context()
         order = sorted(range(len(requests)), key=lambda i: (len(ids[i]), requests[i].cache_key("")))
         futures: list[asyncio.Future] = []
         jobs: list[Job] = []
@@ -370,7 +374,7 @@ class TransformersBackend(LocalModelBackend):
                     report(i, GenerationResult(completions=completions, prompt_tokens=len(ids[i])))
                     future.set_result(None)
 
-                loop.call_soon_threadsafe(finish)
+                loop.call_soon_threadsafe(finish, context=context)
 
             def failed(exc, future=future) -> None:
                 loop.call_soon_threadsafe(

@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import write_recipe
 from tests.fault_fixtures import (
+    EMBEDDED_TOLERANCE,
     HOOK_MISSING,
     ChildRun,
     FaultProxy,
@@ -79,8 +80,6 @@ for _seed in RANDOM_SEEDS:
     SCENARIOS[f"random-seed-{_seed}"] = [(RANDOM, _seed + 100 * k, 1.0) for k in range(3)]
 DEFAULT_SCENARIOS = {"one-of-each"}
 
-#: embedded scores may be recomputed in other batches after a kill (padding moves float32 sums)
-EMBEDDED_TOLERANCE = 1e-5
 #: the same server answering the same requests in other batches
 SERVER_TOLERANCE = 1e-4
 

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from synthpref.cli import app
 from tests.conftest import PROMPTS, tiny_recipe, write_recipe
+from tests.fault_fixtures import EMBEDDED_TOLERANCE, dataset, differences
 
 ray = pytest.importorskip("ray")
 runner = CliRunner()
@@ -98,8 +99,9 @@ def _stage_view(summary: dict) -> list[tuple]:
 def test_ray_run_matches_the_local_executor(local_reference, ray_run):
     local_dir, local_summary = local_reference
     ray_dir, _, ray_summary = ray_run
-    assert _rows(ray_dir) == _rows(local_dir)
-    assert _records(ray_dir) == _records(local_dir)
+    # texts exactly; log-prob scores to float rounding (rows share forward passes with other rows
+    # in a different order in each executor, which moves the last bits of a float32 log-prob)
+    assert differences(dataset(ray_dir), dataset(local_dir), EMBEDDED_TOLERANCE) == []
     assert _layout(ray_dir) == _layout(local_dir)  # same fingerprints, same checkpoint files
     assert ray_summary["fingerprint"] == local_summary["fingerprint"]
     assert _stage_view(ray_summary) == _stage_view(local_summary)
@@ -182,7 +184,7 @@ def test_ray_driver_killed_mid_run_resumes(tmp_path, local_reference, cluster, s
     )
     journal = _journal(run_dir)
     assert journal and all(n == 1 for n in journal.values()), "a completed call was made twice"
-    assert _rows(run_dir) == _rows(local_reference[0])
+    assert differences(_rows(run_dir), _rows(local_reference[0]), EMBEDDED_TOLERANCE) == []
 
 
 def test_missing_ray_names_the_extra(monkeypatch):
