@@ -30,6 +30,22 @@ def backend(embedded_dir):
     return TransformersBackend(str(embedded_dir), batch_size=3)  # 6 requests: rows must join
 
 
+#: the sampled requests most tests run: n=2 samples per prompt, top-p, a stop string, rows ending at
+#: different steps
+SAMPLED = SamplingParams(n=2, temperature=0.9, top_p=0.9, max_tokens=12, seed=5, stop=["."])
+
+
+@pytest.fixture(scope="module")
+def fixed_sampled(backend):
+    """The SAMPLED requests on fixed ``model.generate`` batches (an independent computation: one
+    sampling setting a batch, no rows joining or leaving), computed once for the module."""
+    return _generate(backend, _requests(SAMPLED), continuous=False)
+
+
+def _texts(results) -> list[list[str]]:
+    return [[c.text for c in r.completions] for r in results]
+
+
 def _requests(params: SamplingParams, top_logprobs: int = 0) -> list[GenerationRequest]:
     return [
         GenerationRequest(
@@ -50,7 +66,7 @@ def _generate(backend, requests, continuous: bool):
 def test_greedy_rows_equal_each_prompt_generated_alone(backend):
     """Independent computation: ``model.generate`` on each prompt alone (batch of one, no padding,
     no other rows), greedy, stopping at the same stop ids."""
-    requests = _requests(SamplingParams(temperature=0, max_tokens=24))
+    requests = _requests(SamplingParams(temperature=0, max_tokens=16))
     results = _generate(backend, requests, continuous=True)
     tok, model = backend.tokenizer, backend.model
     for req, result in zip(requests, results, strict=True):
@@ -58,7 +74,7 @@ def test_greedy_rows_equal_each_prompt_generated_alone(backend):
         with torch.inference_mode():
             out = model.generate(
                 **ids,
-                max_new_tokens=24,
+                max_new_tokens=16,
                 do_sample=False,
                 eos_token_id=sorted(backend.stop_ids),
                 pad_token_id=tok.pad_token_id,
@@ -70,14 +86,11 @@ def test_greedy_rows_equal_each_prompt_generated_alone(backend):
         assert result.completions[0].text == tok.decode(alone, skip_special_tokens=True)
 
 
-def test_sampled_rows_equal_the_fixed_batch_path(backend):
+def test_sampled_rows_equal_the_fixed_batch_path(backend, fixed_sampled):
     """Each sample draws from its own seeded stream, so the running batch around it changes
     nothing: n=2 samples with a stop string read as on fixed ``model.generate`` batches."""
-    params = SamplingParams(n=2, temperature=1.0, top_p=0.9, max_tokens=20, seed=5, stop=["."])
-    requests = _requests(params)
-    fixed = _generate(backend, requests, continuous=False)
-    running = _generate(backend, requests, continuous=True)
-    for a, b in zip(fixed, running, strict=True):
+    running = _generate(backend, _requests(SAMPLED), continuous=True)
+    for a, b in zip(fixed_sampled, running, strict=True):
         assert [c.text for c in a.completions] == [c.text for c in b.completions]
         assert [c.finish_reason for c in a.completions] == [c.finish_reason for c in b.completions]
         assert a.prompt_tokens == b.prompt_tokens
@@ -115,7 +128,7 @@ def test_rows_leave_when_they_end_and_waiting_rows_join(backend, monkeypatch):
     monkeypatch.setattr(decode_loop.DecodeLoop, "step", counted_step)
     monkeypatch.setattr(decode_loop.DecodeLoop, "join", counted_join)
     # replies end at their first full stop, at different steps
-    params = SamplingParams(temperature=0, max_tokens=24, stop=["."])
+    params = SamplingParams(temperature=0, max_tokens=16, stop=["."])
     results = _generate(backend, _requests(params), True)
     generated = [r.completions[0].completion_tokens for r in results]
     assert sum(steps) == sum(g - 1 for g in generated)
@@ -123,19 +136,17 @@ def test_rows_leave_when_they_end_and_waiting_rows_join(backend, monkeypatch):
     assert any(running > 0 for running in joins), "no row joined a running batch"
 
 
-def test_a_cache_that_cannot_be_stacked_falls_back_to_model_generate(backend, monkeypatch):
-    requests = _requests(SamplingParams(n=2, temperature=0.7, max_tokens=8, seed=1))
-    fixed = _generate(backend, requests, continuous=False)
+def test_a_cache_that_cannot_be_stacked_falls_back_to_model_generate(
+    backend, monkeypatch, fixed_sampled
+):
     monkeypatch.setattr(decode_loop, "stackable", lambda cache: False)
     backend.continuous_batching = True
     try:
-        fallen_back = asyncio.run(backend.generate(requests))
+        fallen_back = asyncio.run(backend.generate(_requests(SAMPLED)))
         assert backend.continuous_batching is False  # remembered: the next call goes straight there
     finally:
         del backend.continuous_batching
-    assert [[c.text for c in r.completions] for r in fallen_back] == [
-        [c.text for c in r.completions] for r in fixed
-    ]
+    assert _texts(fallen_back) == _texts(fixed_sampled)
 
 
 def test_each_request_is_reported_as_it_ends(backend):
@@ -151,9 +162,9 @@ def test_concurrent_calls_share_steps_and_each_reads_as_if_alone(backend, monkey
     """Two calls with different sampling (greedy, and n=2 sampled with a stop string) in flight at
     once run in the one running batch; each call's texts equal the fixed-batch path run on that
     call alone (an independent computation: ``model.generate``, one sampling setting a batch)."""
-    greedy = _requests(SamplingParams(temperature=0, max_tokens=16))[2:3]  # the longest prompt
+    greedy = _requests(SamplingParams(temperature=0, max_tokens=12))[2:3]  # the longest prompt
     sampled = _requests(
-        SamplingParams(n=2, temperature=0.9, top_p=0.95, max_tokens=16, seed=3, stop=["."])
+        SamplingParams(n=2, temperature=0.9, top_p=0.95, max_tokens=12, seed=3, stop=["."])
     )[3:]
     alone = [_generate(backend, greedy, False), _generate(backend, sampled, False)]
     mixed_steps = []
@@ -208,12 +219,11 @@ def test_a_cancelled_call_leaves_the_batch_and_the_engine_stops(backend, monkeyp
 
 
 def test_a_forward_pass_that_fails_midway_falls_back_for_every_unfinished_request(
-    backend, monkeypatch
+    backend, monkeypatch, fixed_sampled
 ):
     """A step that raises with rows running fails all of them (none is lost or half-reported);
     the call regenerates the unfinished ones on ``model.generate`` and gets what that path gives."""
-    requests = _requests(SamplingParams(n=2, temperature=0.7, max_tokens=10, seed=2))
-    fixed = _generate(backend, requests, continuous=False)
+    requests = _requests(SAMPLED)
     step = decode_loop.DecodeLoop.step
     calls = []
 
@@ -232,16 +242,12 @@ def test_a_forward_pass_that_fails_midway_falls_back_for_every_unfinished_reques
     finally:
         del backend.continuous_batching
     assert sorted(seen) == list(range(len(requests)))  # each reported once
-    assert [[c.text for c in r.completions] for r in out] == [
-        [c.text for c in r.completions] for r in fixed
-    ]
+    assert _texts(out) == _texts(fixed_sampled)
 
 
-def test_a_join_prefills_in_parts_within_its_token_budget(backend, monkeypatch):
+def test_a_join_prefills_in_parts_within_its_token_budget(backend, monkeypatch, fixed_sampled):
     """Prompts of 10 to 40 tokens joining together run in several prefill passes, each padded
     only to its own longest prompt; what every row then generates is unchanged."""
-    requests = _requests(SamplingParams(n=2, temperature=0.8, max_tokens=12, seed=9, stop=["."]))
-    fixed = _generate(backend, requests, continuous=False)
     widths: list[int] = []
     prefill = decode_loop.DecodeLoop._prefill
 
@@ -251,11 +257,10 @@ def test_a_join_prefills_in_parts_within_its_token_budget(backend, monkeypatch):
 
     monkeypatch.setattr(decode_loop.DecodeLoop, "_prefill", counted)
     monkeypatch.setattr(backend._engine.loop, "prefill_tokens", 100)
-    running = _generate(backend, requests, continuous=True)
+    running = _generate(backend, _requests(SAMPLED), continuous=True)
     assert len(widths) >= 3
     assert all(w <= 100 for w in widths if w > 2 * 50)  # a part over budget holds one job alone
-    for a, b in zip(fixed, running, strict=True):
-        assert [c.text for c in a.completions] == [c.text for c in b.completions]
+    assert _texts(running) == _texts(fixed_sampled)
 
 
 def test_parts_keep_order_and_budget():
