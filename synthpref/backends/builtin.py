@@ -53,7 +53,7 @@ class TransformersSpec(ModelSpec):
         32,
         ge=1,
         json_schema_extra=VOLATILE,
-        description="sequences per forward pass; on CPU, 32 decodes ~2.5x the tokens/s of 8",
+        description="most rows in the running generation batch, and sequences per scoring pass",
     )
     max_context: int | None = Field(
         None, ge=1, description="context window in tokens; unset: the model config's"
