@@ -27,7 +27,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def backend(embedded_dir):
-    return TransformersBackend(str(embedded_dir), batch_size=3)  # 6 requests: rows must join
+    return TransformersBackend(str(embedded_dir), batch_size=4)  # 6 requests: rows must join
 
 
 #: the sampled requests most tests run: n=2 samples per prompt, top-p, a stop string, rows ending at
