@@ -127,7 +127,6 @@ class DecodeLoop:
         self.rows: list[Row] = []
         self.cache: Any = None
         self.mask: torch.Tensor | None = None
-        self.last: torch.Tensor | None = None
 
     def join(self, jobs: list[Job]) -> None:
         """Prefill ``jobs`` (all with the same ``n``), draw their first tokens, stack their rows
@@ -167,11 +166,12 @@ class DecodeLoop:
 
     def step(self) -> None:
         """One decode step of every running row."""
-        assert self.mask is not None and self.last is not None
+        assert self.mask is not None
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         positions = torch.tensor([[r.position] for r in self.rows], device=self.device)
+        last = torch.tensor([[r.tokens[-1]] for r in self.rows], device=self.device)
         out = self.model(
-            input_ids=self.last[:, None],
+            input_ids=last,
             attention_mask=self.mask,
             position_ids=positions,
             past_key_values=self.cache,
@@ -180,8 +180,7 @@ class DecodeLoop:
         self.cache = out.past_key_values
         for row in self.rows:
             row.position += 1
-        self.last = self._draw(out.logits[:, -1, :], self.rows)
-        _append(self.rows, self.last)
+        _append(self.rows, self._draw(out.logits[:, -1, :], self.rows))
 
     def _draw(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
         """One token per row: greedy rows the argmax, sampled rows from their own streams (rows
@@ -213,7 +212,7 @@ class DecodeLoop:
         old layer is dropped as its replacement is built, so the cache is never held twice."""
         masks = ([self.mask] if self.rows else []) + [mask for _, _, mask in parts]
         width = max(m.shape[1] for m in masks)
-        self.mask = torch.cat([_pad_left(m, width, dim=1) for m in masks])
+        self.mask = torch.cat([_pad_left(m, width) for m in masks])
         layers = [cache.layers for _, cache, _ in parts]
         if self.rows:
             layers.insert(0, self.cache.layers)
@@ -226,10 +225,6 @@ class DecodeLoop:
             del keys, values
         if not self.rows:
             self.cache = parts[0][1]
-        self.last = torch.cat(
-            ([self.last] if self.rows else [])
-            + [torch.tensor([r.tokens[-1] for r in new], device=self.device) for new, _, _ in parts]
-        )
         for new, _, _ in parts:
             self.rows += new
 
@@ -249,18 +244,18 @@ class DecodeLoop:
     def leave(self) -> list[Job]:
         """Take the rows that ended out of the batch, cut the columns nobody attends to, and
         return the jobs whose every row has now ended (cancelled ones included)."""
-        ended = [k for k, row in enumerate(self.rows) if self._ended(row)]
+        ended = {k for k, row in enumerate(self.rows) if self._ended(row)}
         if not ended:
             return []
-        gone = [self.rows[k] for k in ended]
-        keep = [k for k in range(len(self.rows)) if k not in set(ended)]
+        gone = [self.rows[k] for k in sorted(ended)]
+        keep = [k for k in range(len(self.rows)) if k not in ended]
         self.rows = [self.rows[k] for k in keep]
         if not keep:
             self.reset()
         else:
             index = torch.tensor(keep, device=self.device)
-            assert self.mask is not None and self.last is not None
-            self.mask, self.last = self.mask[index], self.last[index]
+            assert self.mask is not None
+            self.mask = self.mask[index]
             used = self.mask.any(dim=0).nonzero()
             start = int(used[0]) if len(used) else 0
             self.mask = self.mask[:, start:]
@@ -281,7 +276,7 @@ class DecodeLoop:
         """Empty the batch; returns the jobs that had rows in it."""
         jobs = list({id(r.job): r.job for r in self.rows}.values())
         self.rows = []
-        self.cache = self.mask = self.last = None
+        self.cache = self.mask = None
         return jobs
 
 
@@ -455,11 +450,10 @@ def _buffer(parts: list[torch.Tensor], width: int, room: int = ROOM) -> torch.Te
     return out
 
 
-def _pad_left(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    """``t`` with zeros prepended along ``dim`` up to ``width`` (masked-out cache columns)."""
-    short = width - t.shape[dim]
+def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """An attention mask [rows, columns] with masked-out (zero) columns prepended up to ``width``;
+    the cache's own padding is written by :func:`_buffer`."""
+    short = width - mask.shape[1]
     if short <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = short
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+        return mask
+    return torch.cat([mask.new_zeros((mask.shape[0], short)), mask], dim=1)

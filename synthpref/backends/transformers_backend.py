@@ -30,7 +30,7 @@ import contextvars
 import ctypes
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, ClassVar
 
@@ -314,10 +314,7 @@ class TransformersBackend(LocalModelBackend):
         for i, r in enumerate(requests):
             key = r.params.model_copy(update={"seed": None}).model_dump_json() + str(_top_k(r))
             groups.setdefault(key, []).append(i)
-        return [
-            sorted(groups[key], key=lambda i: (len(ids[i]), requests[i].cache_key("")))
-            for key in sorted(groups)
-        ]
+        return [_shortest_first(groups[key], requests, ids) for key in sorted(groups)]
 
     @cached_property
     def _engine(self):
@@ -354,10 +351,11 @@ class TransformersBackend(LocalModelBackend):
         # results are reported in the caller's context, as they were from asyncio.to_thread (a
         # context variable set around this call, e.g. the stage and shard, reaches on_result)
         context = contextvars.copy_context()
-        order = sorted(range(len(requests)), key=lambda i: (len(ids[i]), requests[i].cache_key("")))
+        order = _shortest_first(range(len(requests)), requests, ids)
         futures: list[asyncio.Future] = []
         jobs: list[Job] = []
         stop_ids = self.stop_ids
+        frozen_stops = frozenset(stop_ids)
         for i in order:
             req = requests[i]
             p, top_k = req.params, _top_k(req)
@@ -390,7 +388,7 @@ class TransformersBackend(LocalModelBackend):
                 max_tokens=p.max_tokens,
                 temperature=p.temperature,
                 top_p=p.top_p,
-                stop_ids=frozenset(stop_ids),
+                stop_ids=frozen_stops,
                 stop_strings=tuple(p.stop),
                 top_k=top_k,
             )
@@ -756,6 +754,16 @@ def _shared_length(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     while n < limit and a[n] == b[n]:
         n += 1
     return n
+
+
+def _shortest_first(
+    indices: Iterable[int],
+    requests: Sequence[GenerationRequest | CompletionRequest],
+    ids: Sequence[list[int]],
+) -> list[int]:
+    """``indices`` by prompt length (rows that start together pad little), ties by request, so the
+    order does not depend on the order given."""
+    return sorted(indices, key=lambda i: (len(ids[i]), requests[i].cache_key("")))
 
 
 def _top_k(request: GenerationRequest | CompletionRequest) -> int:
