@@ -14,6 +14,8 @@ scenario that meets each kind of kill point once and one server run; the other s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,6 +205,19 @@ def _faulty_run(tmp: Path, models: dict) -> tuple[Path, Path]:
     return write_recipe(tmp, fault_recipe(tmp, models, run_dir)), run_dir
 
 
+@contextmanager
+def _proxied(tmp_path: Path, vllm_server, seed: int) -> Iterator[tuple]:
+    """The server tests' set-up: a fault proxy (``seed``) in front of ``vllm_server``, the
+    reference run through it before any fault, and the recipe and run dir of the faulty run;
+    yields (proxy, reference, recipe, run dir)."""
+    with FaultProxy(vllm_server.base_url.removesuffix("/v1"), seed=seed) as proxy:
+        models = _server_models(vllm_server, proxy)
+        ref = _uninterrupted(tmp_path / "reference", models)
+        assert not proxy.stats[429] and not proxy.stats[503]
+        recipe, run_dir = _faulty_run(tmp_path / "faulty", models)
+        yield proxy, ref, recipe, run_dir
+
+
 @pytest.mark.vllm
 def test_server_returning_429_and_503_and_sigkill_change_nothing(
     tmp_path, vllm_server, subprocess_env
@@ -212,12 +227,7 @@ def test_server_returning_429_and_503_and_sigkill_change_nothing(
     them, so retries get past every one; one stopped by a 429 storm on scoring that outlasts every
     retry (the shard stops, no judgment is written); one that finishes."""
     seed = 5
-    upstream = vllm_server.base_url.removesuffix("/v1")
-    with FaultProxy(upstream, seed=seed) as proxy:
-        models = _server_models(vllm_server, proxy)
-        ref = _uninterrupted(tmp_path / "reference", models)
-        assert not proxy.stats[429] and not proxy.stats[503]
-        recipe, run_dir = _faulty_run(tmp_path / "faulty", models)
+    with _proxied(tmp_path, vllm_server, seed) as (proxy, ref, recipe, run_dir):
         cache = run_dir / "cache.sqlite"
         log: list[str] = [f"proxy seed {seed}"]
 
@@ -262,12 +272,7 @@ def test_server_storm_and_random_kills_change_nothing(tmp_path, vllm_server, sub
     """Faults with no cap per request, long enough that runs stop on them again and again, a
     random kill among them, each kill and the finish rerun until they get through."""
     seed = 5
-    upstream = vllm_server.base_url.removesuffix("/v1")
-    with FaultProxy(upstream, seed=seed) as proxy:
-        models = _server_models(vllm_server, proxy)
-        ref = _uninterrupted(tmp_path / "reference", models)
-        assert not proxy.stats[429] and not proxy.stats[503]
-        recipe, run_dir = _faulty_run(tmp_path / "faulty", models)
+    with _proxied(tmp_path, vllm_server, seed) as (proxy, ref, recipe, run_dir):
         cache = run_dir / "cache.sqlite"
         # scattered 429/503 on generation; on scoring a rate-limit storm that outlasts every retry
         proxy.inject(chat=(0.5, 20, (429, 503)), completions=(1.0, 60, (429,)))
