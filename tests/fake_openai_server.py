@@ -123,11 +123,16 @@ class FakeServer:
     """``with FakeServer(behaviour) as server:`` serves on ``server.base_url`` until the block ends.
 
     ``requests`` lists every (path, body) received, failed ones included; ``received`` the
-    ``time.monotonic()`` at which each arrived, in the same order.
+    ``time.monotonic()`` at which each arrived, in the same order. ``models``: what GET /v1/models
+    lists (unset: it answers 404, like every other GET); ``gets`` the paths of the GETs received.
     """
 
-    def __init__(self, behaviour: Behaviour = ok) -> None:
+    def __init__(
+        self, behaviour: Behaviour = ok, models: list[dict[str, Any]] | None = None
+    ) -> None:
         self.behaviour = behaviour
+        self.models = models
+        self.gets: list[str] = []
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.received: list[float] = []
         self._lock = threading.Lock()
@@ -162,7 +167,12 @@ class FakeServer:
                 self._send(status, reply, headers[0] if headers else None)
 
             def do_GET(self) -> None:
-                self._send(*error(404, f"no route {self.path}"))
+                with server._lock:
+                    server.gets.append(self.path)
+                if self.path == "/v1/models" and server.models is not None:
+                    self._send(200, {"object": "list", "data": server.models})
+                else:
+                    self._send(*error(404, f"no route {self.path}"))
 
             def _send(
                 self, status: int, reply: dict[str, Any], headers: dict[str, str] | None = None

@@ -178,7 +178,8 @@ class OpenAISpec(ModelSpec):
     mode: Literal["online", "batch"] = batch_mode_field()
     supports_n: bool | None = Field(
         None,
-        description="whether the server accepts n > 1 in one request; unset: try, and if it answers "
+        description="whether the server accepts n > 1 in one request; unset: yes where /v1/models "
+        "says vLLM serves the model, else try, and if it answers "
         "400 about n, send each such request as n single requests with seeds seed, seed+1, ... "
         "(remembered per backend); false: always split",
     )
@@ -320,7 +321,9 @@ class OpenAIBackend(Backend):
         self.supports_n = supports_n
         self.api_key_env = api_key_env
         self._api_key = api_key if api_key is not None else self._key_from_env(api_key_env)
-        self._context_checked = max_context is not None
+        #: this model's entry in the server's /v1/models, once asked (``_card_asked``)
+        self._card: Any = None
+        self._card_asked = False
         self.window = AIMDWindow(
             maximum=max_concurrency,
             # a fixed window: never shrinks (minimum = maximum), so it is a plain semaphore
@@ -452,7 +455,8 @@ class OpenAIBackend(Backend):
         self, client: AsyncOpenAI, i: int, req: R, send: Send[R], probe: asyncio.Lock
     ) -> GenerationResult:
         """Request ``i`` through ``send`` (one chat or completions call), or as ``n`` single
-        requests on a server that takes no ``n > 1``. While that is unknown, the first such request
+        requests on a server that takes no ``n > 1``. While that is unknown (and /v1/models does not
+        say that vLLM serves the model), the first such request
         of a call sends a one-token copy of itself under ``probe`` and the others wait for that
         answer, so a server that rejects n answers 400 once per call, not once per request in
         flight, and a server that takes n holds the others back for one prefill, not for a whole
@@ -460,6 +464,8 @@ class OpenAIBackend(Backend):
         probed = None
         if req.params.n > 1 and self.supports_n is None:
             async with probe:
+                if self.supports_n is None and await self._served_by_vllm(client):
+                    self.supports_n = True
                 if self.supports_n is None:
                     probed = await self._probe_n(client, i, req, send)
         if req.params.n > 1 and self.supports_n is False:
@@ -482,6 +488,11 @@ class OpenAIBackend(Backend):
             tokens=self._token_estimate(req),
         )
         return self._parse_chat(i, req, resp)
+
+    async def _served_by_vllm(self, client: AsyncOpenAI) -> bool:
+        """Whether /v1/models says vLLM serves this model: vLLM takes ``n > 1``, so no probe is
+        sent (a probe is a request the server counts, and one prefill every other waits for)."""
+        return getattr(await self._model_card(client), "owned_by", None) == "vllm"
 
     async def _probe_n(
         self, client: AsyncOpenAI, i: int, req: R, send: Send[R]
@@ -723,16 +734,24 @@ class OpenAIBackend(Backend):
 
     async def _context_window(self, client: AsyncOpenAI) -> int | None:
         """The server's context window: ``max_context``, else asked once from /v1/models."""
-        if not self._context_checked:
-            self._context_checked = True
+        if self.max_context is None:
+            card = await self._model_card(client)
+            if getattr(card, "max_model_len", None):
+                self.max_context = int(card.max_model_len)  # type: ignore[union-attr]
+        return self.max_context
+
+    async def _model_card(self, client: AsyncOpenAI) -> Any:
+        """This model's entry in the server's /v1/models (vLLM adds ``max_model_len`` and
+        ``owned_by: vllm``), asked once; None when the server lists no such model or answers no
+        model list (a failure only logged: what it would tell is asked another way)."""
+        if not self._card_asked:
+            self._card_asked = True
             try:
                 models = await client.models.list()
-                for m in models.data:
-                    if m.id == self.model and getattr(m, "max_model_len", None):
-                        self.max_context = int(m.max_model_len)  # type: ignore[attr-defined]
+                self._card = next((m for m in models.data if m.id == self.model), None)
             except Exception as exc:
-                log.info("could not read the context window from %s/models: %s", self.where, exc)
-        return self.max_context
+                log.info("could not read %s/models: %s", self.where, exc)
+        return self._card
 
     def _prompt_logprobs(
         self, i: int, resp: Any, ids: list[int], start: int, end: int

@@ -267,11 +267,34 @@ def test_a_server_that_takes_n_is_asked_once_per_request():
         results = asyncio.run(backend.generate([ask("a", n=2), ask("b", n=3), ask("c")]))
     assert [len(r.completions) for r in results] == [2, 3, 1]
     # the first n > 1 request was probed once, with a one-token copy of itself
-    probe, *rest = server.requests
-    assert probe[1]["n"] == 2 and probe[1]["max_completion_tokens"] == 1
+    (probe,) = [r for r in server.requests if r[1]["max_completion_tokens"] == 1]
+    rest = [r for r in server.requests if r is not probe]
+    assert probe[1]["n"] == 2 and server.gets == ["/v1/models"]  # it lists no models: probed
     assert sorted(b["n"] for _, b in rest) == [1, 2, 3]
     assert all(b["max_completion_tokens"] > 1 for _, b in rest)
     assert backend.supports_n is True
+
+
+def vllm_card(model: str, owned_by: str = "vllm") -> dict:
+    """A model entry of vLLM's /v1/models (``owned_by`` and ``max_model_len`` are vLLM's)."""
+    return {"id": model, "object": "model", "owned_by": owned_by, "max_model_len": 2048}
+
+
+@pytest.mark.parametrize(("owned_by", "probes"), [("vllm", 0), ("someone-else", 1)])
+def test_a_model_that_vllm_serves_is_not_probed_for_n(owned_by, probes):
+    """vLLM takes n > 1, and its /v1/models says it serves the model: no one-token probe is sent
+    (the server would count it as work, and every other request would wait for its prefill)."""
+
+    def takes_n(path, body):
+        return chat_reply([f"sample {k}" for k in range(body.get("n", 1))])
+
+    with FakeServer(takes_n, models=[vllm_card("other"), vllm_card("m", owned_by)]) as server:
+        backend = scripted(server)
+        results = asyncio.run(backend.generate([ask(str(k), n=2) for k in range(4)]))
+    assert [len(r.completions) for r in results] == [2, 2, 2, 2]
+    sizes = [b["max_completion_tokens"] for _, b in server.requests]
+    assert sizes.count(1) == probes and len(sizes) == 4 + probes
+    assert server.gets == ["/v1/models"] and backend.supports_n is True
 
 
 def test_the_probe_asks_for_one_token_and_its_usage_is_billed():
