@@ -216,6 +216,9 @@ def test_recipe_validation(tmp_path):
 
 def test_flr_recipe_produces_a_preference_dataset(tmp_path):
     raw = recipe_dict("flr.yaml", limit=2, tmp_path=tmp_path)
+    flr_stage = next(s for s in raw["stages"] if s["type"] == "followup_likelihood")
+    assert len(flr_stage["dimensions"]) == 6  # the shipped six; two here keep the run short
+    flr_stage["dimensions"] = ["understanding", "correctness"]
     loaded = parse_recipe(raw, base_dir=REPO / "recipes")
     result = LocalExecutor(loaded, progress=False).run()
     flr = next(s for s in result.stages if s.name == "flr")
