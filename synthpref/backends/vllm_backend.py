@@ -363,15 +363,6 @@ def _construct(spec: VLLMSpec) -> LLM:
             "VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, bundles)),
             "VLLM_RAY_PER_WORKER_GPUS": f"{per_worker:g}",
         }
-    if (
-        _on_cpu()
-        and tp == pp == 1
-        and spec._ray_bundles is None
-        and "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
-    ):
-        # one CPU worker: the engine core runs in this process instead of a second one that
-        # imports vLLM again (a start of ~15 s instead of ~35 s on two cores; throughput equal)
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     log.info("starting vLLM engine for %s", spec.model)
     try:
         with _environ(env):
