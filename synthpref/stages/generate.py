@@ -7,6 +7,7 @@ import asyncio
 from pydantic import Field
 
 from synthpref.backends.types import GenerationRequest, SamplingParams
+from synthpref.errors import RunPaused
 from synthpref.records import Candidate, Record
 from synthpref.stages.base import Stage, StageParams
 from synthpref.stages.registry import register_stage
@@ -128,8 +129,8 @@ async def _gather(calls) -> list:
     """The calls' results in order. When one fails, the others are cancelled before the error goes
     on (no model keeps generating for a shard that is stopping); when one pauses (batch jobs still
     running), the others are let finish submitting theirs, so one pass puts all of a shard's work
-    with the provider, and then the pause goes on."""
-    from synthpref.errors import RunPaused
+    with the provider, and then the pause goes on, unless another failed meanwhile: an error
+    outranks a pause."""
 
     def first_error(tasks, hard_only: bool):
         for t in tasks:
@@ -144,7 +145,8 @@ async def _gather(calls) -> list:
         if (error := first_error(tasks, hard_only=True)) is not None:
             raise error
         await asyncio.wait(tasks)
-        if (error := first_error(tasks, hard_only=False)) is not None:
+        error = first_error(tasks, hard_only=True) or first_error(tasks, hard_only=False)
+        if error is not None:
             raise error
         return [t.result() for t in tasks]
     except BaseException:

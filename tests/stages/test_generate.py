@@ -184,3 +184,21 @@ def test_a_pausing_model_lets_the_others_finish_then_pauses():
     with pytest.raises(RunPaused, match="jobs out"):
         asyncio.run(stage.process([_record()]))
     assert not slow.cancelled and sum(log) == 0
+
+
+def test_an_error_after_a_pause_stops_the_shard_with_the_error():
+    """A pause only waits for batch jobs; a model that fails while another is pausing must stop
+    the shard with its error, whichever model the recipe lists first."""
+    from synthpref.errors import RunPaused
+
+    log: list[int] = []
+    stage = Generate("generate", GenerateParams.model_validate({"models": ["a", "b"], "n": 1}))
+    stage.ctx = StageContext(
+        {
+            "a": _Slow(log, 0.0, fail=RunPaused("jobs out")),
+            "b": _Slow(log, 0.1, fail=RuntimeError("down")),
+        }
+    )
+    with pytest.raises(RuntimeError, match="down"):
+        asyncio.run(stage.process([_record()]))
+    assert sum(log) == 0
