@@ -354,8 +354,7 @@ class TransformersBackend(LocalModelBackend):
         order = _shortest_first(range(len(requests)), requests, ids)
         futures: list[asyncio.Future] = []
         jobs: list[Job] = []
-        stop_ids = self.stop_ids
-        frozen_stops = frozenset(stop_ids)
+        stop_ids = frozenset(self.stop_ids)
         for i in order:
             req = requests[i]
             p, top_k = req.params, _top_k(req)
@@ -388,7 +387,7 @@ class TransformersBackend(LocalModelBackend):
                 max_tokens=p.max_tokens,
                 temperature=p.temperature,
                 top_p=p.top_p,
-                stop_ids=frozen_stops,
+                stop_ids=stop_ids,
                 stop_strings=tuple(p.stop),
                 top_k=top_k,
             )
