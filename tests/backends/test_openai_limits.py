@@ -267,9 +267,10 @@ def test_a_server_that_takes_n_is_asked_once_per_request():
         results = asyncio.run(backend.generate([ask("a", n=2), ask("b", n=3), ask("c")]))
     assert [len(r.completions) for r in results] == [2, 3, 1]
     # the first n > 1 request was probed once, with a one-token copy of itself
-    (probe,) = [r for r in server.requests if r[1]["max_completion_tokens"] == 1]
-    rest = [r for r in server.requests if r is not probe]
+    (at,) = [k for k, (_, b) in enumerate(server.requests) if b["max_completion_tokens"] == 1]
+    probe, rest = server.requests[at], server.requests[:at] + server.requests[at + 1 :]
     assert probe[1]["n"] == 2 and server.gets == ["/v1/models"]  # it lists no models: probed
+    assert all(b["n"] == 1 for _, b in server.requests[:at])  # the other n > 1 waited for it
     assert sorted(b["n"] for _, b in rest) == [1, 2, 3]
     assert all(b["max_completion_tokens"] > 1 for _, b in rest)
     assert backend.supports_n is True
