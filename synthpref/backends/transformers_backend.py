@@ -35,8 +35,9 @@ from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, ClassVar
 
 from synthpref.backends.base import Backend, Capability, OnGenerated, OnScored
+from synthpref.backends.cpu_attention import use_cpu_attention
 from synthpref.backends.end_of_turn import identity_tag, stop_token_ids
-from synthpref.backends.gqa_attention import use_masked_gqa
+from synthpref.backends.invariant_linear import make_row_invariant
 from synthpref.backends.reasoning import split_reasoning
 from synthpref.backends.segments import render_segment
 from synthpref.backends.types import (
@@ -96,7 +97,8 @@ def load_model(
     if not spread:
         model.to(device)
     model.eval()
-    use_masked_gqa(model)
+    use_cpu_attention(model)
+    make_row_invariant(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -321,12 +323,7 @@ class TransformersBackend(LocalModelBackend):
         """This backend's running batch (``decode_loop.DecodeEngine``), shared by its calls."""
         from synthpref.backends.decode_loop import DecodeEngine, DecodeLoop
 
-        loop = DecodeLoop(
-            self.model,
-            lambda ids, n: self._generation_inputs(ids, n),  # looked up per join, not bound once
-            self.tokenizer,
-            after_prefill=_release_freed_memory,
-        )
+        loop = DecodeLoop(self.model, self.tokenizer, after_prefill=_release_freed_memory)
         return DecodeEngine(
             loop,
             self._lock,

@@ -1,5 +1,6 @@
-"""The CPU attention the transformers backend switches grouped-query models to
-(``gqa_attention.py``) computes exactly what transformers' own SDPA attention computes."""
+"""The CPU attention the transformers backend switches models to (``cpu_attention.py``) computes
+exactly what transformers' own SDPA attention computes. Its row-by-row path is checked where it is
+used: ``test_decode_loop.py`` compares every row's logits with its prompt run alone."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from synthpref.backends import gqa_attention
+from synthpref.backends import cpu_attention
 from synthpref.backends.transformers_backend import load_model
 
 
@@ -29,7 +30,7 @@ def _logits(model, implementation: str, **inputs) -> torch.Tensor:
 
 def test_the_embedded_model_runs_it(model):
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped
-    assert model.config._attn_implementation == gqa_attention.NAME
+    assert model.config._attn_implementation == cpu_attention.NAME
 
 
 def test_a_padded_batch_and_a_padded_decode_step_equal_transformers_sdpa_bit_for_bit(model):
@@ -38,7 +39,7 @@ def test_a_padded_batch_and_a_padded_decode_step_equal_transformers_sdpa_bit_for
     ids = torch.randint(100, 5000, (4, 40))
     mask = torch.ones_like(ids)
     mask[::2, :13] = 0  # left padding: a mask reaches the attention
-    ours = _logits(model, gqa_attention.NAME, input_ids=ids, attention_mask=mask)
+    ours = _logits(model, cpu_attention.NAME, input_ids=ids, attention_mask=mask)
     theirs = _logits(model, "sdpa", input_ids=ids, attention_mask=mask)
     assert torch.equal(ours, theirs)
     # one decode step on a padded cache (a query of one token against 40 cached columns)
@@ -49,7 +50,7 @@ def test_a_padded_batch_and_a_padded_decode_step_equal_transformers_sdpa_bit_for
         "attention_mask": torch.cat([mask, torch.ones(4, 1, dtype=mask.dtype)], dim=1),
         "position_ids": (mask.sum(-1, keepdim=True)),
     }
-    ours = _logits(model, gqa_attention.NAME, past_key_values=copy.deepcopy(cache), **step)
+    ours = _logits(model, cpu_attention.NAME, past_key_values=copy.deepcopy(cache), **step)
     theirs = _logits(model, "sdpa", past_key_values=copy.deepcopy(cache), **step)
     assert torch.equal(ours, theirs)
 
@@ -77,11 +78,11 @@ def test_an_unpadded_batch_goes_to_transformers_own_function(model, monkeypatch)
     assert delegated == []  # masked: ours, with enable_gqa instead of repeated heads
 
 
-def test_models_it_does_not_apply_to_are_left_alone():
+def test_models_not_on_transformers_sdpa_are_left_alone():
     class Config:
-        _attn_implementation = "sdpa"
+        _attn_implementation = "eager"
         num_attention_heads = 8
-        num_key_value_heads = 8  # not grouped
+        num_key_value_heads = 2
 
     class Model(torch.nn.Module):
         config = Config()
@@ -90,7 +91,4 @@ def test_models_it_does_not_apply_to_are_left_alone():
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
 
-    assert gqa_attention.use_masked_gqa(Model()) is False
-    Model.config._attn_implementation = "eager"
-    Model.config.num_key_value_heads = 2
-    assert gqa_attention.use_masked_gqa(Model()) is False
+    assert cpu_attention.use_cpu_attention(Model()) is False

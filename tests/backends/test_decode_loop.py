@@ -245,22 +245,57 @@ def test_a_forward_pass_that_fails_midway_falls_back_for_every_unfinished_reques
     assert _texts(out) == _texts(fixed_sampled)
 
 
-def test_a_join_prefills_in_parts_within_its_token_budget(backend, monkeypatch, fixed_sampled):
+def test_every_rows_logits_equal_its_prompt_run_alone_bit_for_bit(backend, monkeypatch):
+    """The logits each row is drawn from, at every step, equal bit for bit those of its prompt
+    run alone (independent computation: transformers' own forward passes with a ``DynamicCache``,
+    one row, no padding, no mask, fed the tokens the row drew). Six prompts of 4 to 30 tokens,
+    n=2 sampled with a stop string, at most 4 rows at once: rows join a running batch whose
+    rows are longer and shorter than theirs and leave at different steps."""
+    seen: dict[int, tuple[decode_loop.Row, list[torch.Tensor]]] = {}
+    draw = decode_loop.DecodeLoop._draw
+
+    def recorded(self, logits, rows):
+        for row, x in zip(rows, logits, strict=True):
+            seen.setdefault(id(row), (row, []))[1].append(x.clone())
+        return draw(self, logits, rows)
+
+    monkeypatch.setattr(decode_loop.DecodeLoop, "_draw", recorded)
+    _generate(backend, _requests(SAMPLED), continuous=True)
+    assert len(seen) == 2 * len(QUESTIONS)
+    model = backend.model
+    for row, logits in seen.values():
+        assert len(logits) == len(row.tokens)
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([row.job.prompt]), use_cache=True)
+            alone = [out.logits[0, -1]]
+            for token in row.tokens[:-1]:
+                out = model(
+                    input_ids=torch.tensor([[token]]),
+                    past_key_values=out.past_key_values,
+                    use_cache=True,
+                )
+                alone.append(out.logits[0, -1])
+        for step, (mine, ref) in enumerate(zip(logits, alone, strict=True)):
+            assert torch.equal(mine, ref), (row.job.prompt[-3:], row.sample, step)
+
+
+def test_a_join_prefills_in_parts_within_its_token_budget(backend, monkeypatch):
     """Prompts of 10 to 40 tokens joining together run in several prefill passes, each padded
-    only to its own longest prompt; what every row then generates is unchanged."""
+    only to its own longest prompt; every row then generates what it generates in one pass."""
+    one_pass = _generate(backend, _requests(SAMPLED), continuous=True)
     widths: list[int] = []
     prefill = decode_loop.DecodeLoop._prefill
 
     def counted(self, jobs):
-        widths.append(max(len(j.prompt) for j in jobs) * len(jobs) * jobs[0].n)
+        widths.append(max(len(j.prompt) for j in jobs) * len(jobs))
         return prefill(self, jobs)
 
     monkeypatch.setattr(decode_loop.DecodeLoop, "_prefill", counted)
-    monkeypatch.setattr(backend._engine.loop, "prefill_tokens", 100)
+    monkeypatch.setattr(backend._engine.loop, "prefill_tokens", 50)
     running = _generate(backend, _requests(SAMPLED), continuous=True)
     assert len(widths) >= 3
-    assert all(w <= 100 for w in widths if w > 2 * 50)  # a part over budget holds one job alone
-    assert _texts(running) == _texts(fixed_sampled)
+    assert all(w <= 50 for w in widths if w > 40)  # a part over budget holds one prompt alone
+    assert _texts(running) == _texts(one_pass)
 
 
 def test_parts_keep_order_and_budget():
@@ -271,5 +306,5 @@ def test_parts_keep_order_and_budget():
     parts = decode_loop._parts(jobs, 64)
     assert [j for p in parts for j in p] == jobs  # every job once, in order
     assert [[len(j.prompt) for j in p] for p in parts] == [[10, 10], [30, 30], [30], [200]]
-    two = decode_loop._parts([job(10, n=2), job(10, n=2), job(10, n=2)], 40)
-    assert [len(p) for p in two] == [2, 1]  # rows, not jobs, count: 2 jobs x 2 rows x 10
+    two = decode_loop._parts([job(10, n=2), job(10, n=2), job(10, n=2)], 25)
+    assert [len(p) for p in two] == [2, 1]  # prompts count, not rows: a prompt's samples share one

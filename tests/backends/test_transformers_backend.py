@@ -137,7 +137,9 @@ def test_prefill_continues_the_assistant_message(backend):
 
 
 def test_shared_prefix_generation_matches_unshared(backend):
-    """Judge prompts share their rubric: the batch runs it once, and nothing else changes."""
+    """Judge prompts share their rubric: a ``model.generate`` batch runs it once, and nothing else
+    changes. (The running batch prefills each prompt whole, so a row's bits never depend on which
+    prompts share its prefill.)"""
     rubric = (
         "You are grading one AI assistant response on a single aspect: helpfulness. Score from 1 "
         "to 5, where 1 is off-topic and 5 fully addresses the request.\n\n[Response]\n"
@@ -165,6 +167,7 @@ def test_shared_prefix_generation_matches_unshared(backend):
         return inputs
 
     backend._generation_inputs = spy
+    backend.continuous_batching = False
     try:
         shared = asyncio.run(backend.generate(requests))
         backend.prefix_sharing = False
@@ -172,6 +175,7 @@ def test_shared_prefix_generation_matches_unshared(backend):
     finally:
         del backend._generation_inputs
         del backend.prefix_sharing
+        del backend.continuous_batching
     assert shared_rows and shared_rows[0] >= 30  # the rubric's tokens ran once
     assert len(shared_rows) == 1  # the unshared run built no prefix cache
     for a, b in zip(shared, plain, strict=True):
