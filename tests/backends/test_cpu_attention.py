@@ -92,3 +92,30 @@ def test_models_not_on_transformers_sdpa_are_left_alone():
             self.w = torch.nn.Parameter(torch.zeros(1))
 
     assert cpu_attention.use_cpu_attention(Model()) is False
+
+
+@pytest.mark.parametrize("length", [1, 13, 64, 65, 300])
+def test_a_decode_rows_attention_ignores_its_neighbours_and_the_columns_after_its_keys(length):
+    """Row 1's output, bit for bit, is the same alone and among rows of other lengths in a wider
+    cache; and it is what SDPA computes (independent computation: torch's kernel, to 1e-6)."""
+    torch.manual_seed(length)
+    heads, kv, dim = 9, 3, 64
+    q, k, v = (
+        torch.randn(1, heads, 1, dim),
+        torch.randn(1, kv, length, dim),
+        torch.randn(1, kv, length, dim),
+    )
+    alone = cpu_attention.decode_attention(q, k, v, [length], 0.125)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True)
+    assert torch.allclose(alone, sdpa.transpose(1, 2), atol=1e-6)
+    for rows, width in [(2, length), (5, length + 7), (9, 2 * length + 100)]:
+        qs, ks, vs = (
+            torch.randn(rows, heads, 1, dim),
+            torch.randn(rows, kv, width + 64, dim),
+            torch.randn(rows, kv, width + 64, dim),
+        )
+        qs[1], ks[1, :, :length], vs[1, :, :length] = q[0], k[0], v[0]
+        lengths = cpu_attention.RowLengths([width] * rows)
+        lengths[1] = length
+        out = cpu_attention.decode_attention(qs, ks, vs, lengths, 0.125)
+        assert torch.equal(out[1:2], alone), (rows, width)
