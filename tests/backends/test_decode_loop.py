@@ -308,3 +308,39 @@ def test_parts_keep_order_and_budget():
     assert [[len(j.prompt) for j in p] for p in parts] == [[10, 10], [30, 30], [30], [200]]
     two = decode_loop._parts([job(10, n=2), job(10, n=2), job(10, n=2)], 25)
     assert [len(p) for p in two] == [2, 1]  # prompts count, not rows: a prompt's samples share one
+
+
+def test_a_model_whose_attention_takes_no_row_lengths_still_generates_correctly(backend):
+    """transformers' own ``sdpa`` attention ignores ``row_lengths``: the loop then passes a padding
+    mask over the left-aligned rows (as it does for CUDA and for eager attention), and greedy rows
+    read as they do through the row-wise attention (texts, not bits)."""
+    from synthpref.backends.cpu_attention import NAME
+
+    model, tok = backend.model, backend.tokenizer
+    prompts = [
+        tok(backend.render_prompt(r), add_special_tokens=False).input_ids
+        for r in _requests(SamplingParams())
+    ]
+    settings = decode_loop.Settings(14, 0.0, 1.0, frozenset(backend.stop_ids))
+
+    def generate() -> list[list[int]]:
+        loop = decode_loop.DecodeLoop(model, tok)
+        jobs = [decode_loop.Job(p, 1, settings, [None], print, print) for p in prompts]
+        with torch.inference_mode():
+            for step in range(60):  # as the engine does: a join or a step, then leave
+                if step in (0, 3):  # rows of other lengths join a running batch at step 3
+                    loop.join(jobs[:3] if step == 0 else jobs[3:])
+                elif loop.rows:
+                    loop.step()
+                loop.leave()
+        assert not loop.rows
+        return [job.finished[0].tokens for job in jobs]
+
+    rowwise = generate()
+    model.set_attn_implementation("sdpa")
+    try:
+        assert not decode_loop.DecodeLoop(model, tok).row_attention
+        masked = generate()
+    finally:
+        model.set_attn_implementation(NAME)
+    assert masked == rowwise
