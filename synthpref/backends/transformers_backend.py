@@ -6,10 +6,12 @@ live in ``row_sampling.py``, ``output_head.py`` and ``transformers_reward.py``.
 
 Generation is continuously batched (``decode_loop.py``): every call's requests, shortest prompt first,
 join the model's one running batch whatever their sampling parameters, and leave it as they end;
-``model.generate`` on left-padded batches grouped by sampling parameters is the fallback. Each sample of each request draws from its own random stream, seeded from that
-request and its seed alone (``row_sampling.py``), so its text does not depend on ``batch_size``, on the
-number of workers or on which other requests share its batch: a resumed run that regenerates only its
-cache misses produces what an uninterrupted run would have.
+``model.generate`` on left-padded batches grouped by sampling parameters is the fallback. Each
+sample of each request draws from its own random stream, seeded from that request and its seed alone
+(``row_sampling.py``), and on CPU the running batch computes each row bit for bit as the row alone
+(``cpu_attention.py``, ``invariant_linear.py``, at load), so a text does not depend on
+``batch_size``, on the number of workers or on which other requests share its batch: a resumed run
+that regenerates only its cache misses produces what an uninterrupted run would have.
 Raw-text completion (``complete``) runs the same path on text tokenized as given: the same batches,
 rows, stop strings and stop ids (EOS and the chat template's end-of-turn token,
 ``end_of_turn.py``), so completing ``render_chat(messages, True)`` reproduces chat generation.
@@ -18,9 +20,10 @@ with the model's own logit rescaling; ``output_head.py`` checks once per model t
 the model's logits and otherwise scores through its forward pass.
 Score requests that share a long token prefix (the follow-ups of one response, the candidates of one
 prompt under the same system prompt and exemplars) run that prefix once and reuse its KV cache for
-each request's remainder; results equal the unshared path's to ~1e-5 nats/token (float32). Generation
-does the same for the prefix common to a whole batch: a judge's rubric and system prompt run once per
-batch instead of once per candidate.
+each request's remainder; results equal the unshared path's to ~1e-5 nats/token (float32). The
+``model.generate`` fallback does the same for the prefix common to a whole batch (a judge's rubric and
+system prompt run once per batch); the running batch does not, since a row's keys would then depend
+on which prompts joined with it.
 """
 
 from __future__ import annotations
