@@ -52,7 +52,7 @@ def cpu_sdpa(
         or kwargs.get("cache") is not None
         or kwargs.get("output_attentions", False)
     )
-    grouped = getattr(module, "num_key_value_groups", 1) > 1
+    grouped = key.shape[1] != query.shape[1]  # fewer KV heads than query heads
     lengths = kwargs.pop("row_lengths", None)
     q_length = query.shape[2]
     if not special and q_length == 1 and (lengths is not None or attention_mask is None):
