@@ -1,5 +1,5 @@
 """The attention function models on CPU run: transformers' SDPA attention, minus a KV-cache copy,
-plus a per-row decode step whose result does not depend on the rest of the batch.
+plus prefill and decode paths whose result for a row does not depend on the rest of the batch.
 
 **Masked grouped-query attention without the copy.** transformers' SDPA attention repeats each
 key/value head for every query head of its group (``repeat_kv``) whenever an attention mask is passed,
@@ -9,16 +9,16 @@ passes a mask, so on CPU every layer of every decode step copied the whole cache
 torch's CPU kernels take the mask with ``enable_gqa=True`` and give bit-identical outputs (checked in
 ``tests/backends/test_cpu_attention.py``).
 
-**Rows attended one by one.** The continuous-batching loop (``decode_loop.py``) passes
-``row_lengths``. In a decode step (one query per row), row ``r`` has ``row_lengths[r]`` keys at the
-start of its cache row (the columns after them belong to longer rows); in a prefill (as many keys as
-queries, left-padded), row ``r``'s prompt is its last ``row_lengths[r]`` columns. Attending the whole
-batch at once, a row's sums run over other rows' columns, and torch's CPU kernel splits and orders
-its reductions by the batch's shapes, so a row's output moved in its last bits with its neighbours.
-Here each row is one SDPA call on exactly its own tokens, with no mask: the call the row makes when
-it runs alone (causal for a prompt, as transformers calls it for an unpadded one), so a sample's
-logits are the same whatever it shares a pass with. It costs one call per row and layer (~+40%
-attention time at 32 rows; attention is ~10% of a step). Padding positions of a prefill get zeros.
+**Each row as if alone.** The continuous-batching loop (``decode_loop.py``) passes ``row_lengths``.
+Attending the whole batch at once, a row's sums run over other rows' columns, and torch's CPU
+kernel splits and orders its reductions by the batch's shapes and threads, so a row's output moved
+in its last bits with its neighbours. In a prefill (as many keys as queries, left-padded), row
+``r``'s prompt is its last ``row_lengths[r]`` columns, and each row is one causal SDPA call on
+exactly its own tokens: the call transformers makes for an unpadded prompt alone (padding positions
+get zeros). In a decode step (one query per row), row ``r`` has ``row_lengths[r]`` keys at the start
+of its cache row, and :func:`decode_attention` attends all rows at once through reductions whose
+order the batch cannot change; an unpadded decode call without ``row_lengths`` (a row alone) runs
+the same function, so the two agree bit for bit.
 
 Everything else (no mask, CUDA, position biases) goes to transformers' own function unchanged.
 """

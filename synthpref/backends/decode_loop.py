@@ -14,8 +14,9 @@ depend on its neighbours, the batch size, or which requests a resumed run regene
   call it makes alone (``cpu_attention.py``); its ``n`` samples share its prefill row;
 - the cache is stacked *left-aligned*: row ``r``'s keys fill columns ``0 .. length_r - 1`` of its
   cache row, each step writes a row's new key at that row's own length (:class:`RowLayer`), and the
-  decode step attends each row to exactly its own columns, again one call per row (a left-padded
-  batch summed over other rows' padding in another order);
+  decode step attends each row to exactly its own columns through reductions the batch cannot
+  reorder (``cpu_attention.decode_attention``; a left-padded batch summed over other rows' padding
+  in another order);
 - linear layers pad small calls to a row count whose kernel gives each row the bits it gets in any
   large call (``invariant_linear.py``);
 - a sampled row draws from its own seeded stream (``row_sampling.draw_tokens``).
@@ -200,10 +201,8 @@ class DecodeLoop:
         assert self.cache is not None
         before = [r.position for r in self.rows]
         after = RowLengths(n + 1 for n in before)
-        width = max(after)
-        self.cache.at = torch.tensor(before, device=self.device)
-        lengths = torch.tensor(after, device=self.device)
-        mask = torch.arange(width, device=self.device) < lengths[:, None]
+        self.cache.at = at = torch.tensor(before, device=self.device)
+        mask = torch.arange(max(after), device=self.device) <= at[:, None]
         kwargs: dict[str, Any] = {}
         if self.row_attention:
             kwargs["row_lengths"] = after

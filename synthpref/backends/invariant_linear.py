@@ -79,24 +79,21 @@ def make_row_invariant(model: Any) -> bool:
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if not linears or linears[0].weight.device.type != "cpu":
         return False
-    tables: dict[tuple, list[int] | None] = {}
+    tables = []
     for layer in linears:
         w, b = layer.weight, layer.bias
         shape = (tuple(w.shape), w.dtype, b is not None)
         if shape not in _TABLES:
             with torch.inference_mode():
                 _TABLES[shape] = padding_table(w, b)
-        tables[shape] = _TABLES[shape]
-    if any(t is None for t in tables.values()):
+        tables.append(_TABLES[shape])
+    if any(t is None for t in tables):
         log.warning(
             "this CPU's matrix kernels give a row other bits in calls of different sizes; "
             "a sample's text may depend on its batch"
         )
         return False
-    for layer in linears:
-        w = layer.weight
-        table = tables[(tuple(w.shape), w.dtype, layer.bias is not None)]
-        assert table is not None
+    for layer, table in zip(linears, tables, strict=True):
         if any(table[m] != m for m in range(1, PROBE_ROWS)):
             _pad_rows(layer, table)
     return True
