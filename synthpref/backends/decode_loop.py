@@ -17,8 +17,8 @@ depend on its neighbours, the batch size, or which requests a resumed run regene
   decode step attends each row to exactly its own columns through reductions the batch cannot
   reorder (``cpu_attention.decode_attention``; a left-padded batch summed over other rows' padding
   in another order);
-- linear layers pad small calls to a row count whose kernel gives each row the bits it gets in any
-  large call (``invariant_linear.py``);
+- linear layers run a kernel that gives each row the bits it gets in any large call (oneDNN on
+  weights packed at load, or BLAS with small calls padded; ``invariant_linear.py``);
 - a sampled row draws from its own seeded stream (``row_sampling.draw_tokens``).
 
 The batch is shared: a :class:`DecodeEngine` runs it in its own thread, and every ``generate`` call
