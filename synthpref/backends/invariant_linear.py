@@ -8,8 +8,9 @@ matrices and 38 ms for the output head, against 75 and 18 ms with weights packed
 weights are float32 and torch has oneDNN, each layer's weight is packed once at load
 (``torch.ops.mkldnn._reorder_linear_weight``, the packing torch's own compiler uses for frozen CPU
 graphs) and every call runs oneDNN's matrix product on it (``_linear_pointwise``). The packed copy
-is held beside the layer's weight, which the model's other code still reads: a loaded model's
-linear weights take twice their memory (+540 MB for the embedded model).
+is held beside the layer's weight, which the model's other code still reads: with oneDNN's
+buffers, a loaded model takes ~2x its linear weights' bytes more (+1.2 GB for the embedded model in
+float32), so models whose copies would pass :data:`PACKED_SHARE` of the machine's memory keep BLAS.
 
 Invariance: a BLAS library may pick its kernel by the number of rows: with MKL on an AVX2 CPU, a
 row's output from ``F.linear`` differs in its last float32 bits at 1-3, 5-7 and 9-11 rows from what
@@ -62,6 +63,9 @@ def onednn(weight: Any, bias: Any) -> Callable[[Any], Any]:
     bias = None if bias is None else bias.detach()
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
+
+#: most of the machine's memory the packed copies of a model's weights may take
+PACKED_SHARE = 0.25
 
 #: kernels in the order they are tried
 KERNELS: tuple[Kernel, ...] = (onednn, blas)
@@ -120,6 +124,9 @@ def make_row_invariant(model: Any, kernels: tuple[Kernel, ...] = KERNELS) -> boo
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if not linears or linears[0].weight.device.type != "cpu":
         return False
+    if onednn in kernels and not _packing_fits(linears):
+        log.info("linear weights too large to hold a packed copy: using BLAS")
+        kernels = tuple(k for k in kernels if k is not onednn)
     invariant = True
     with torch.inference_mode():
         for layer in linears:
@@ -136,6 +143,20 @@ def make_row_invariant(model: Any, kernels: tuple[Kernel, ...] = KERNELS) -> boo
             "a sample's text may depend on its batch"
         )
     return invariant
+
+
+def _packing_fits(linears: list) -> bool:
+    """Whether packed copies of these layers' weights fit in :data:`PACKED_SHARE` of the machine's
+    memory; the packed copies and oneDNN's buffers measured ~2x the weights' bytes (SmolLM2-135M:
+    +1.2 GB), so a model of several billion parameters on CPU keeps BLAS."""
+    import os
+
+    need = 2 * sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on Linux: no cap known
+        return True
+    return need <= total * PACKED_SHARE
 
 
 def _choose(weight: Any, bias: Any, kernels: tuple[Kernel, ...]) -> tuple[Kernel, list[int]] | None:

@@ -91,3 +91,22 @@ def test_no_invariant_kernel_leaves_the_layers_as_they_are_and_says_so(monkeypat
         assert not make_row_invariant(model, kernels=(varies,))
     assert model[0].forward == forward
     assert "other bits" in caplog.text
+
+
+def test_weights_too_large_for_a_packed_copy_keep_blas(monkeypatch):
+    monkeypatch.setattr(invariant_linear, "PACKED_SHARE", 0.0)
+    chosen = []
+    real = invariant_linear._replace_forward
+    monkeypatch.setattr(
+        invariant_linear,
+        "_replace_forward",
+        lambda layer, f, t: chosen.append(f) or real(layer, f, t),
+    )
+    model = _model((576, 1536))
+    x = torch.randn(3, 576)
+    with torch.inference_mode():
+        want = F.linear(x, model[0].weight, model[0].bias)
+        make_row_invariant(model)
+        got = model(x)
+    assert all(f.__qualname__.startswith("blas") for f in chosen)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
