@@ -22,8 +22,8 @@ counts give the rows the same bits as a large call does, and a call with fewer r
 zero rows up to the nearest such count (oneDNN's packed kernel needs no padding on the CPUs we
 know; MKL's does). The measurement runs on the machine that runs the model, so a CPU with other
 kernels gets its own table; where no small count matches (kernels that also vary above
-:data:`PROBE_ROWS` rows) the other kernel is tried, and if neither is invariant the model is left as
-it is and :func:`make_row_invariant` says so.
+:data:`PROBE_ROWS` rows) the next kernel is tried; a layer no kernel makes invariant is left as it
+is, and :func:`make_row_invariant` says so.
 """
 
 from __future__ import annotations
@@ -75,7 +75,9 @@ KERNELS: tuple[Kernel, ...] = (onednn, blas)
 _TABLES: dict[tuple, list[int] | None] = {}
 
 
-def padding_table(weight: Any, bias: Any = None, kernel: Kernel = blas) -> list[int] | None:
+def padding_table(
+    weight: Any, bias: Any = None, kernel: Kernel = blas, whole: Callable[[Any], Any] | None = None
+) -> list[int] | None:
     """For row counts ``m`` below :data:`PROBE_ROWS`, the row count to pad a call of ``m`` rows to
     (``table[m]``), so each row's output from ``kernel`` equals its output in any call of
     :data:`PROBE_ROWS` or more rows; None when calls of more rows disagree among themselves (no
@@ -83,7 +85,8 @@ def padding_table(weight: Any, bias: Any = None, kernel: Kernel = blas) -> list[
 
     The kernel is chosen by the row count, so the counts are probed on at most
     :data:`PROBE_OUTPUTS` of the layer's outputs (an output head has 50k-250k), then the counts the
-    table pads to, and 1 and 17 rows as padded, are checked on the whole layer."""
+    table pads to, and 1 and 17 rows as padded, are checked on the whole layer (``whole``: the
+    layer's ``kernel(weight, bias)`` where the caller has built it already)."""
     import torch
 
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -105,11 +108,11 @@ def padding_table(weight: Any, bias: Any = None, kernel: Kernel = blas) -> list[
             nearest = m
         table[m] = nearest
     if weight.shape[0] > PROBE_OUTPUTS:
-        full = kernel(weight, bias)
-        whole = full(x[:PROBE_ROWS])
+        full = whole or kernel(weight, bias)
+        large = full(x[:PROBE_ROWS])
         padded_to = {table[m] for m in range(1, PROBE_ROWS) if table[m] != m}
         for m in sorted(padded_to | {1, PROBE_ROWS // 4 + 1}):
-            if not torch.equal(full(x[: table[m]])[:m], whole[:m]):
+            if not torch.equal(full(x[: table[m]])[:m], large[:m]):
                 return None
     return table
 
@@ -134,9 +137,9 @@ def make_row_invariant(model: Any, kernels: tuple[Kernel, ...] = KERNELS) -> boo
             if chosen is None:
                 invariant = False
                 continue
-            kernel, table = chosen
+            kernel, linear, table = chosen
             if kernel is not blas or any(table[m] != m for m in range(1, PROBE_ROWS)):
-                _replace_forward(layer, kernel(layer.weight, layer.bias), table)
+                _replace_forward(layer, linear, table)
     if not invariant:
         log.warning(
             "this CPU's matrix kernels give a row other bits in calls of different sizes; "
@@ -159,18 +162,24 @@ def _packing_fits(linears: list) -> bool:
     return need <= total * PACKED_SHARE
 
 
-def _choose(weight: Any, bias: Any, kernels: tuple[Kernel, ...]) -> tuple[Kernel, list[int]] | None:
-    """The first kernel with a padding table for this layer's shape, and the table."""
+def _choose(
+    weight: Any, bias: Any, kernels: tuple[Kernel, ...]
+) -> tuple[Kernel, Callable[[Any], Any], list[int]] | None:
+    """The first kernel with a padding table for this layer's shape, the layer's function on it
+    (built once: packing an output head's weight takes ~0.1 GB and a moment), and the table."""
     for kernel in kernels:
         shape = (kernel.__name__, tuple(weight.shape), weight.dtype, bias is not None)
-        if shape not in _TABLES:
-            try:
-                _TABLES[shape] = padding_table(weight, bias, kernel)
-            except RuntimeError as exc:
-                log.debug("linear kernel %s unavailable: %s", kernel.__name__, exc)
-                _TABLES[shape] = None
+        if shape in _TABLES and _TABLES[shape] is None:
+            continue
+        try:
+            linear = kernel(weight, bias)
+            if shape not in _TABLES:
+                _TABLES[shape] = padding_table(weight, bias, kernel, whole=linear)
+        except RuntimeError as exc:
+            log.debug("linear kernel %s unavailable: %s", kernel.__name__, exc)
+            _TABLES[shape] = None
         if _TABLES[shape] is not None:
-            return kernel, _TABLES[shape]
+            return kernel, linear, _TABLES[shape]
     return None
 
 
@@ -187,7 +196,7 @@ def _replace_forward(layer: Any, linear: Callable[[Any], Any], table: list[int])
         if rows == 0:
             return x.new_zeros((*x.shape[:-1], out_features))
         flat = x.reshape(rows, features)
-        if 0 < rows < len(table) and table[rows] != rows:
+        if rows < len(table) and table[rows] != rows:
             flat = torch.cat([flat, flat.new_zeros((table[rows] - rows, features))])
         return linear(flat)[:rows].reshape(*x.shape[:-1], -1)
 
