@@ -131,7 +131,10 @@ def print_summary(result, console: Console) -> None:
     columns = ["stage", "in", "out", "resumed", "calls", "cached", "tokens", "time"]
     if dollars:
         columns.insert(-1, "cost")
-    table = Table(title=literal(f"synthpref run · {result.run_dir}"), title_justify="left")
+    # the run directory on a line of its own: a table title is wrapped to the table's width,
+    # which broke a long path inside a name
+    say(console, f"synthpref run · {result.run_dir}")
+    table = Table()
     for col in columns:
         table.add_column(col, justify="left" if col == "stage" else "right")
     for s in result.stages:

@@ -553,7 +553,9 @@ def test_summary_and_warnings_print_user_text_literally(tmp_path):
     buffer = io.StringIO()
     console = Console(file=buffer, width=300, force_terminal=False)
     stage = StageSummary("[bold]judge[/bold]", "rubric_judge", counters={"[/x]": 1})
-    result = RunResult(tmp_path / "[draft]", "fp", 1, [], [stage], {"[p]": tmp_path / "x"}, 1.0)
+    # a run directory longer than the table is wide: printed whole, on one line
+    run_dir = tmp_path / ("a-long-folder-name-" * 4) / "[draft]"
+    result = RunResult(run_dir, "fp", 1, [], [stage], {"[p]": tmp_path / "x"}, 1.0)
     print_summary(result, console)
     with StageProgress(console, enabled=True) as progress:
         progress.add("[i]gen[/i]", total=1)
@@ -561,5 +563,6 @@ def test_summary_and_warnings_print_user_text_literally(tmp_path):
     raw = {"source": {"path": "p.jsonl"}, "stages": [{"type": "generate"}], "output": {"dir": "r"}}
     LocalExecutor(parse_recipe(raw, base_dir=tmp_path), console=console)._warn("skipped [/x] row")
     text = buffer.getvalue()
+    assert f"synthpref run · {run_dir}\n" in text, text
     for literal in ("[bold]judge[/bold]", "[/x]=1", "[draft]", "[p]", "[i]gen[/i]", "skipped [/x]"):
         assert literal in text, f"{literal!r} not in:\n{text}"
