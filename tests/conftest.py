@@ -9,6 +9,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.xdist_groups import (  # noqa: F401 - hooks that split the suite over xdist workers
+    pytest_collection_modifyitems,
+    pytest_configure_node,
+    pytest_xdist_auto_num_workers,
+    pytest_xdist_make_scheduler,
+    share_the_cores,
+)
+
+share_the_cores()
+
 PROMPTS = [
     {"id": "p1", "prompt": "Name a primary colour."},
     {"id": "p2", "prompt": "What is 3 + 4?"},
@@ -52,6 +62,20 @@ def embedded_dir() -> Path:
     from synthpref.backends.embedded import embedded_model_dir
 
     return embedded_model_dir()
+
+
+@pytest.fixture(scope="module")
+def all_cores():
+    """torch on every core for a module, as a user's run is: for the tests that hold a row's bits
+    to be independent of its batch, which depends on how a kernel splits its work over threads.
+    A worker of ``make test`` otherwise runs torch on its share of the cores
+    (tests/xdist_groups.py); a serial run already uses them all."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,9 @@ import torch
 from synthpref.backends import cpu_attention
 from synthpref.backends.transformers_backend import load_model
 
+#: a row's bits are checked at the thread count a user's run has (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("all_cores")
+
 
 @pytest.fixture(scope="module")
 def model(embedded_dir):

@@ -14,6 +14,9 @@ from synthpref.backends.transformers_backend import TransformersBackend
 from synthpref.backends.types import GenerationRequest, SamplingParams
 from synthpref.records import Message
 
+#: a row's bits are checked at the thread count a user's run has (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("all_cores")
+
 #: prompts of very different lengths, so rows join a batch whose cache is longer or shorter
 QUESTIONS = [
     "Hi.",

@@ -17,6 +17,9 @@ from synthpref.backends.invariant_linear import (
     padding_table,
 )
 
+#: a row's bits are checked at the thread count a user's run has (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("all_cores")
+
 
 def _model(*shapes: tuple[int, int]) -> torch.nn.Module:
     torch.manual_seed(0)

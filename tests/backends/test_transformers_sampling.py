@@ -15,6 +15,9 @@ from synthpref.backends.transformers_backend import TransformersBackend
 from synthpref.backends.types import GenerationRequest, SamplingParams
 from synthpref.records import Message
 
+#: a row's bits are checked at the thread count a user's run has (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("all_cores")
+
 PROMPTS = [
     "Name a fruit.",
     "Name a colour.",
