@@ -81,11 +81,23 @@ def spread_over(device: str, n_devices: int) -> dict:
     return {"device_map": "auto", "max_memory": memory}
 
 
-@lru_cache(maxsize=8)
 def load_model(
     path: str, device: str, dtype: str, trust_remote_code: bool = False, n_devices: int = 1
 ):
-    """Load weights once per process: stages that share a model share this object."""
+    """Load weights once per process: stages that share a model share this object, however the
+    call spells its arguments (an ``lru_cache`` keys ``f(a, b, c, d)`` apart from ``f(a, b, c, d,
+    1)``: a caller that left the defaults out loaded a second copy, ~1 GB for the embedded model)."""
+    return _load_model(str(path), str(device), str(dtype), bool(trust_remote_code), int(n_devices))
+
+
+def forget_loaded_models() -> None:
+    """Drop this process's loaded models: the next :func:`load_model` reads the weights from disk
+    again, as a new process would."""
+    _load_model.cache_clear()
+
+
+@lru_cache(maxsize=8)
+def _load_model(path: str, device: str, dtype: str, trust_remote_code: bool, n_devices: int):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

@@ -55,9 +55,9 @@ def tiny_model(tmp_path, embedded_dir) -> Path:
 
 
 def _generate_once(spec, cache: RequestCache) -> ModelClient:
-    from synthpref.backends.transformers_backend import load_model
+    from synthpref.backends.transformers_backend import forget_loaded_models
 
-    load_model.cache_clear()  # a new process would load the weights from disk again
+    forget_loaded_models()  # a new process would load the weights from disk again
     client = ModelClient("m", spec, spec.build(), cache)
     req = GenerationRequest(
         messages=[Message(role="user", content="Say hi.")],

@@ -69,6 +69,17 @@ def test_scoring_matches_plain_forward_pass(backend, include_eot):
     assert results[0].tokens[-1] == ("<|im_end|>" if include_eot else ".")
 
 
+def test_a_model_is_loaded_once_however_the_call_spells_its_arguments(embedded_dir):
+    from synthpref.backends.transformers_backend import load_model
+
+    path = str(embedded_dir)
+    first = load_model(path, "cpu", "float32")
+    assert load_model(path, "cpu", "float32", False, 1) is first
+    assert load_model(embedded_dir, "cpu", "float32", trust_remote_code=False) is first
+    backend = TransformersBackend(path, device="cpu", dtype="float32")
+    assert backend.model is first[0] and backend.tokenizer is first[1]
+
+
 def test_context_overflow_policy(embedded_dir):
     small = TransformersBackend(str(embedded_dir), max_context=48)
     long_question = "Please answer carefully. " * 20
