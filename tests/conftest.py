@@ -72,8 +72,10 @@ def all_cores():
     (tests/xdist_groups.py); a serial run already uses them all."""
     import torch
 
+    from synthpref.verifiers.pool import default_workers
+
     before = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(default_workers())
     yield
     torch.set_num_threads(before)
 

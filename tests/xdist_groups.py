@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from synthpref.verifiers.pool import default_workers
+
 #: fixtures that start a vLLM engine or server
 VLLM_FIXTURES = {"vllm_server", "vllm_backend", "serve_model_dir", "reward_servers", "attrs_engine"}
 #: where the controller tells its workers to write their groups (``workerinput`` key)
@@ -41,7 +43,7 @@ def share_the_cores() -> None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
     if workers < 2:
         return
-    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    threads = max(1, default_workers() // workers)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ.setdefault("MKL_NUM_THREADS", str(threads))
     # vLLM binds one OpenMP thread per listed core (tests/vllm_fixtures.py's default: 0-1)
@@ -73,7 +75,7 @@ def _rank(group: str, slow: bool) -> int:
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: one worker per core, at most four (each worker loads its own copy of the
     embedded model, ~2 GB with its packed weights, and vLLM tests start servers beside them)."""
-    return max(1, min(4, len(os.sched_getaffinity(0))))
+    return min(4, default_workers())
 
 
 @pytest.hookimpl(optionalhook=True)
