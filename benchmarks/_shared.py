@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def run_job(cmd: list[str], cfg: dict, env: dict, what: str | None = None) -> dict:
@@ -54,6 +55,99 @@ def child_job(flag: str, job: Callable[[dict, str], None]) -> bool:
         job(json.loads(sys.argv[2]), sys.argv[3])
         return True
     return False
+
+
+class Side:
+    """One side of a comparison in a process of its own that stays loaded, so the sides' timed
+    runs can alternate: a shared VM's speed drifts by tens of percent over minutes, and sides
+    measured one after the other (minutes apart) compared the drift as much as the engines.
+
+    The process is ``cmd CFG_JSON`` running :func:`serve_side`; it loads, reports ``ready``, and
+    runs once per :meth:`run`. While it waits it should use no CPU: :meth:`cpu_s` reads its
+    process group's CPU seconds from ``/proc``, so a caller can show that an idle side did not
+    compete with the running one."""
+
+    def __init__(self, cmd: list[str], cfg: dict, env: dict, what: str) -> None:
+        self.what = what
+        self._log = tempfile.NamedTemporaryFile("w+", suffix=".log")
+        read, write = os.pipe()
+        self.proc = subprocess.Popen(
+            [*cmd, json.dumps({**cfg, "_reply_fd": write})],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its engine processes (vLLM's) are stopped with it
+            pass_fds=(write,),
+            text=True,
+        )
+        os.close(write)
+        self._replies = os.fdopen(read)
+        self.ready = self._reply()
+
+    def _reply(self) -> dict:
+        line = self._replies.readline()
+        if not line:
+            self.proc.wait()
+            self._log.seek(0)
+            sys.stderr.write(self._log.read()[-12000:])
+            raise SystemExit(f"{self.what} failed with exit code {self.proc.returncode}")
+        return json.loads(line)
+
+    def run(self) -> dict:
+        """One timed run; its result as the side reported it."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def cpu_s(self) -> float | None:
+        """CPU seconds used so far by the side's processes (None where ``/proc`` is not there)."""
+        total, found = 0.0, False
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == self.proc.pid:  # session id: this side's processes
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                found = True
+        return total if found else None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._replies.close()
+        self._log.close()
+
+
+def serve_side(flag: str, load: Callable[[dict], Any], run: Callable[[Any, dict], dict]) -> bool:
+    """Whether this process is a :class:`Side` started as ``script FLAG CFG``; if it is, it has
+    loaded (``state = load(cfg)``, timed as ``startup_s``) and run ``run(state, cfg)`` once per
+    request until its parent closed its input."""
+    if len(sys.argv) != 3 or sys.argv[1] != flag:
+        return False
+    cfg = json.loads(sys.argv[2])
+    replies = os.fdopen(cfg.pop("_reply_fd"), "w")
+
+    def reply(obj: dict) -> None:
+        replies.write(json.dumps(obj) + "\n")
+        replies.flush()
+
+    t0 = time.perf_counter()
+    state = load(cfg)
+    reply({"startup_s": time.perf_counter() - t0})
+    for line in sys.stdin:
+        if line.strip() == "run":
+            reply(run(state, cfg))
+    return True
 
 
 def vllm_cpu_defaults(kvcache_gib: int) -> None:
