@@ -10,8 +10,9 @@ batch.
 **A row computes what it would compute alone, bit for bit** (on CPU), so a sample's text does not
 depend on its neighbours, the batch size, or which requests a resumed run regenerates:
 
-- prompts are prefilled together, left-padded, but each attends to exactly its own tokens, in the
-  call it makes alone (``cpu_attention.py``); its ``n`` samples share its prefill row;
+- prompts are prefilled together, end to end in one sequence (left-padded where the model's
+  attention is not ``cpu_attention``'s), each attending to exactly its own tokens in the call it
+  makes alone (``cpu_attention.py``); its ``n`` samples share its prefill row;
 - the cache is stacked *left-aligned*: row ``r``'s keys fill columns ``0 .. length_r - 1`` of its
   cache row, each step writes a row's new key at that row's own length (:class:`RowLayer`), and the
   decode step attends each row to exactly its own columns through reductions the batch cannot
@@ -129,56 +130,84 @@ class DecodeLoop:
         #: the model attends through ``cpu_attention``, which takes a ready 4-D mask and row lengths
         self.row_attention = getattr(model.config, "_attn_implementation", None) == NAME
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        #: most padded prompt tokens in one prefill pass
+        #: most prompt tokens (padding included, where prompts are padded) in one prefill pass
         self.prefill_tokens = prefill_tokens
+        #: prompts go end to end in a prefill, without padding (needs the row-wise attention)
+        self.packed_prefill = self.row_attention
         self.rows: list[Row] = []
         self.cache: RowCache | None = None
         self._warned = False
 
     def join(self, jobs: list[Job]) -> None:
         """Prefill ``jobs``, draw their first tokens, stack their rows under the running rows.
-        Jobs run in parts of at most ``prefill_tokens`` padded tokens (at least one job each),
-        each part padded only to its own longest prompt: callers sort jobs by length, so a join of
-        prompts from 300 to 600 tokens does not pad all to 600. The running cache is restacked once
-        per join, not once per part."""
-        parts = [self._prefill(part) for part in _parts(jobs, self.prefill_tokens)]
+        Jobs run in parts of at most ``prefill_tokens`` tokens (at least one job each); the
+        running cache is restacked once per join, not once per part."""
+        parts = [
+            self._prefill(part) for part in _parts(jobs, self.prefill_tokens, self.packed_prefill)
+        ]
         self._stack(parts)
         if self.after_prefill is not None:
             self.after_prefill()
 
     def _prefill(self, jobs: list[Job]) -> tuple[list[Row], list[list[tuple[torch.Tensor, int]]]]:
-        """One prefill pass of ``jobs``' prompts, left-padded, one row per prompt (its ``n``
-        samples share it): the new rows (first token drawn) and, per layer, each prompt's keys and
-        values without its padding."""
+        """One prefill pass of ``jobs``' prompts, one row per prompt (its ``n`` samples share it):
+        the new rows (first token drawn) and, per layer, each prompt's keys and values.
+
+        With the row-wise attention the prompts go end to end in one sequence (each attends to
+        its own tokens, at its own positions): no padding token is computed, where left-padding
+        the prompts to the longest computed a quarter more tokens in the quickstart. Otherwise
+        they are left-padded under a mask."""
         from synthpref.backends.cpu_attention import RowLengths
 
-        width = max(len(job.prompt) for job in jobs)
-        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(jobs), width), dtype=torch.long)
-        for b, job in enumerate(jobs):
-            ids[b, width - len(job.prompt) :] = torch.tensor(job.prompt)
-            mask[b, width - len(job.prompt) :] = 1
         lengths = RowLengths(len(job.prompt) for job in jobs)
-        out = self.model(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
-            use_cache=True,
-            logits_to_keep=1,
-            **({"row_lengths": lengths} if self.row_attention else {}),
-        )
-        self._check_rows_attended(lengths)
+        if self.packed_prefill:
+            lengths.packed = True
+            ends = torch.tensor(lengths).cumsum(0)
+            out = self.model(
+                input_ids=torch.tensor(
+                    [[t for job in jobs for t in job.prompt]], device=self.device
+                ),
+                position_ids=torch.cat([torch.arange(n) for n in lengths])[None].to(self.device),
+                use_cache=True,
+                logits_to_keep=(ends - 1).to(self.device),
+                row_lengths=lengths,
+            )
+            if not lengths.used:
+                # the model does not hand row_lengths to its attention: masks from now on (this
+                # is the first prefill, so there is no cache aligned for the row-wise attention)
+                self._check_rows_attended(lengths)
+                self.packed_prefill = self.row_attention = False
+                return self._prefill(jobs)
+            logits = out.logits[0]
+            spans = [(0, int(end) - n, int(end)) for n, end in zip(lengths, ends, strict=True)]
+        else:
+            width = max(lengths)
+            ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(jobs), width), dtype=torch.long)
+            for b, job in enumerate(jobs):
+                ids[b, width - len(job.prompt) :] = torch.tensor(job.prompt)
+                mask[b, width - len(job.prompt) :] = 1
+            out = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
+                use_cache=True,
+                logits_to_keep=1,
+                **({"row_lengths": lengths} if self.row_attention else {}),
+            )
+            self._check_rows_attended(lengths)
+            logits = out.logits[:, -1, :]
+            spans = [(b, width - n, width) for b, n in enumerate(lengths)]
         cache = out.past_key_values
         if not stackable(cache):
             raise NotStackable(type(cache).__name__)
         new = [Row(job, s, position=len(job.prompt)) for job in jobs for s in range(job.n)]
         samples = torch.tensor([job.n for job in jobs], device=self.device)
-        logits = out.logits[:, -1, :].repeat_interleave(samples, dim=0)
-        _append(new, self._draw(logits, new))
+        _append(new, self._draw(logits.repeat_interleave(samples, dim=0), new))
         layers = [
             [
-                (tensor[b : b + 1, :, width - len(job.prompt) :], job.n)
-                for b, job in enumerate(jobs)
+                (tensor[b : b + 1, :, start:end], job.n)
+                for (b, start, end), job in zip(spans, jobs, strict=True)
                 for tensor in (layer.keys, layer.values)
             ]
             for layer in cache.layers
@@ -232,12 +261,17 @@ class DecodeLoop:
             for row, v, i in zip(rows, vals.tolist(), idx.tolist(), strict=True):
                 if row.job.settings.top_k:
                     row.top.append((v[: row.job.settings.top_k], i[: row.job.settings.top_k]))
-        tokens = logits.argmax(-1)
         sampled: dict[tuple[float, float], list[int]] = {}
         for j, row in enumerate(rows):
             s = row.job.settings
             if s.temperature:
                 sampled.setdefault((s.temperature, s.top_p), []).append(j)
+        if len(sampled) == 1 and len(next(iter(sampled.values()))) == len(rows):
+            # every row sampled alike (the common case): no argmax, no copy of the logits
+            (temperature, top_p), _ = sampled.popitem()
+            gens = [row.generator for row in rows]
+            return draw_tokens(logits, gens, temperature, top_p)  # type: ignore[arg-type]
+        tokens = logits.argmax(-1)
         for (temperature, top_p), which in sampled.items():
             gens = [rows[j].generator for j in which]
             at = torch.tensor(which, device=logits.device)
@@ -300,12 +334,11 @@ class DecodeLoop:
             self.reset()
         else:
             assert self.cache is not None
-            index = torch.tensor(keep, device=self.device)
+            first = min(ended)  # rows before it keep their place
+            moved = torch.tensor(keep[first:], device=self.device)
             width = max(r.position for r in self.rows)
-            for k, layer in enumerate(self.cache.layers):
-                keys = _fill([(layer.keys[index], 1)], len(keep), width)
-                values = _fill([(layer.values[index], 1)], len(keep), width)
-                self.cache.layers[k] = RowLayer(self.cache, keys, values, width)
+            for layer in self.cache.layers:
+                layer.keep(first, moved, width)
         complete = []
         for row in gone:
             row.job.finished.append(row)
@@ -426,19 +459,19 @@ def _call(callback: Callable[[Any], None], arg: Any) -> None:
         log.exception("a decode job's callback failed")
 
 
-def _parts(jobs: list[Job], budget: int) -> list[list[Job]]:
-    """``jobs`` in order, cut into runs whose prompts padded to their longest stay within
-    ``budget`` tokens (a job longer than that runs alone)."""
+def _parts(jobs: list[Job], budget: int, packed: bool = False) -> list[list[Job]]:
+    """``jobs`` in order, cut into runs whose prompts stay within ``budget`` tokens, end to end
+    (``packed``) or each padded to the run's longest (a job longer than that runs alone)."""
     parts: list[list[Job]] = [[]]
-    longest = 0
+    total = longest = 0
     for job in jobs:
-        wider = max(longest, len(job.prompt))
-        part = parts[-1]
-        if part and (len(part) + 1) * wider > budget:
+        n = len(job.prompt)
+        tokens = total + n if packed else (len(parts[-1]) + 1) * max(longest, n)
+        if parts[-1] and tokens > budget:
             parts.append([])
-            part, wider = parts[-1], len(job.prompt)
-        part.append(job)
-        longest = wider
+            total = longest = 0
+        parts[-1].append(job)
+        total, longest = total + n, max(longest, n)
     return parts
 
 
@@ -491,7 +524,7 @@ class RowLayer(DynamicLayer):
     step writes each row's new column at that row's own length, in place, where ``DynamicLayer``
     concatenates, copying the whole cache of every layer at every step (38% of a step's time at 32
     rows of 200 tokens on 2 CPU cores). The columns after a row's length are zeros or the keys of
-    the rows that left; the attention never reads them."""
+    rows that left or moved up (finite values): the attention gives them zero weight."""
 
     def __init__(self, cache: RowCache, keys: torch.Tensor, values: torch.Tensor, width: int):
         super().__init__()
@@ -502,6 +535,18 @@ class RowLayer(DynamicLayer):
     def _view(self, width: int) -> None:
         self._width = width
         self.keys, self.values = self._k[:, :, :width], self._v[:, :, :width]
+
+    def keep(self, first: int, moved: torch.Tensor, width: int) -> None:
+        """Keep rows ``0 .. first - 1`` and then rows ``moved`` (in order), in place: only the rows
+        after the first that left are copied, and only their written columns (a new buffer per
+        layer copied the whole cache twice whenever any row ended). The buffer's rows past the
+        kept ones are dropped from its view."""
+        end = first + len(moved)
+        if len(moved):
+            for buffer in (self._k, self._v):
+                buffer[first:end, :, : self._width] = buffer[moved, :, : self._width]
+        self._k, self._v = self._k[:end], self._v[:end]
+        self._view(width)
 
     def update(self, key_states, value_states, *args, **kwargs):
         at = self._cache.at

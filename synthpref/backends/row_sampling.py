@@ -73,7 +73,10 @@ def _inverse_cdf(scores: torch.Tensor, generators: Sequence[torch.Generator]) ->
     cdf = probs.cumsum(-1)
     # one uniform in (0, 1] per row: inverse-CDF sampling never lands on a zero-probability token
     u = torch.stack([1 - torch.rand((), generator=g, device=g.device) for g in generators])
-    return (cdf < u.to(cdf.device)[:, None] * cdf[:, -1:]).sum(-1).clamp(max=scores.shape[1] - 1)
+    # the first token whose cumulative probability reaches u (of the total): the count of tokens
+    # below it, as the cdf never decreases (a running sum of non-negative terms)
+    at = torch.searchsorted(cdf, u.to(cdf.device)[:, None] * cdf[:, -1:]).squeeze(-1)
+    return at.clamp(max=scores.shape[1] - 1)
 
 
 def row_generators(

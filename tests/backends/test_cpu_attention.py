@@ -122,3 +122,36 @@ def test_a_decode_rows_attention_ignores_its_neighbours_and_the_columns_after_it
         lengths[1] = length
         out = cpu_attention.decode_attention(qs, ks, vs, lengths, 0.125)
         assert torch.equal(out[1:2], alone), (rows, width)
+
+
+def test_rows_of_many_lengths_each_read_as_if_alone():
+    """Forty rows whose lengths fall in several spans (neighbours alike, as rows joined together
+    are, then a shuffled tail): every row's output equals the row's call alone, bit for bit."""
+    torch.manual_seed(1)
+    heads, kv, dim = 9, 3, 64
+    lengths = [30 + 3 * r for r in range(24)] + [int(x) for x in torch.randint(1, 400, (16,))]
+    rows, width = len(lengths), max(lengths) + 70
+    qs = torch.randn(rows, heads, 1, dim)
+    ks, vs = torch.randn(rows, kv, width, dim), torch.randn(rows, kv, width, dim)
+    batched = cpu_attention.decode_attention(qs, ks, vs, cpu_attention.RowLengths(lengths), 0.125)
+    assert len(cpu_attention.RowLengths(lengths).spans()) > 2  # the spans are exercised
+    for r, n in enumerate(lengths):
+        alone = cpu_attention.decode_attention(
+            qs[r : r + 1], ks[r : r + 1, :, :n], vs[r : r + 1, :, :n], [n], 0.125
+        )
+        assert torch.equal(batched[r : r + 1], alone), (r, n)
+
+
+def test_spans_cover_the_rows_and_read_no_fewer_columns_than_each_row_needs():
+    lengths = [5, 60, 64, 65, 130, 129, 700, 3, 3, 3, 3, 3, 3, 3, 3]
+    parts = cpu_attention.spans(lengths)
+    assert [a for a, _, _ in parts] == [0] + [b for _, b, _ in parts[:-1]]
+    assert parts[-1][1] == len(lengths)
+    for a, b, w in parts:
+        assert w % cpu_attention.KEY_ALIGN == 0
+        assert w == max(-(-n // 64) * 64 for n in lengths[a:b])
+    # the 700-token row is read apart: the short rows after it are not read to 704 columns
+    assert any(a == 6 and b == 7 for a, b, _ in parts)
+    # one span when cutting saves less than a span costs
+    assert cpu_attention.spans([10, 70]) == [(0, 2, 128)]
+    assert cpu_attention.spans([64] * 5) == [(0, 5, 64)]

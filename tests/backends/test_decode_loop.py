@@ -283,22 +283,77 @@ def test_every_rows_logits_equal_its_prompt_run_alone_bit_for_bit(backend, monke
 
 
 def test_a_join_prefills_in_parts_within_its_token_budget(backend, monkeypatch):
-    """Prompts of 10 to 40 tokens joining together run in several prefill passes, each padded
-    only to its own longest prompt; every row then generates what it generates in one pass."""
+    """Prompts of 10 to 40 tokens joining together run in several prefill passes of at most
+    ``prefill_tokens`` tokens, end to end without padding (the model computes exactly the
+    prompts' tokens); every row then generates what it generates in one pass."""
     one_pass = _generate(backend, _requests(SAMPLED), continuous=True)
-    widths: list[int] = []
+    parts: list[list[int]] = []
+    computed: list[int] = []
     prefill = decode_loop.DecodeLoop._prefill
 
     def counted(self, jobs):
-        widths.append(max(len(j.prompt) for j in jobs) * len(jobs))
-        return prefill(self, jobs)
+        parts.append([len(j.prompt) for j in jobs])
+        forward = self.model.forward
+
+        def seen(*args, **kwargs):
+            computed.append(kwargs["input_ids"].numel())
+            return forward(*args, **kwargs)
+
+        self.model.forward = seen
+        try:
+            return prefill(self, jobs)
+        finally:
+            del self.model.forward
 
     monkeypatch.setattr(decode_loop.DecodeLoop, "_prefill", counted)
     monkeypatch.setattr(backend._engine.loop, "prefill_tokens", 50)
+    assert backend._engine.loop.packed_prefill
     running = _generate(backend, _requests(SAMPLED), continuous=True)
-    assert len(widths) >= 3
-    assert all(w <= 50 for w in widths if w > 40)  # a part over budget holds one prompt alone
+    assert len(parts) >= 3
+    assert all(sum(p) <= 50 for p in parts if len(p) > 1)  # a longer prompt runs alone
+    assert computed == [sum(p) for p in parts]  # no padding computed
     assert _texts(running) == _texts(one_pass)
+
+
+def test_a_model_that_drops_row_lengths_is_prefilled_padded(backend, monkeypatch, caplog):
+    """A model registered with the row-wise attention whose layers do not pass ``row_lengths``
+    on: the loop sees that no layer attended prompt by prompt, prefills that join again padded
+    under a mask (as for any other attention), warns, and pads from then on; greedy rows read
+    as they do through the row-wise prefill."""
+    from transformers import AttentionInterface
+
+    from synthpref.backends import cpu_attention
+
+    model, tok = backend.model, backend.tokenizer
+    prompts = [
+        tok(backend.render_prompt(r), add_special_tokens=False).input_ids
+        for r in _requests(SamplingParams())
+    ]
+    settings = decode_loop.Settings(8, 0.0, 1.0, frozenset(backend.stop_ids))
+
+    def generate() -> tuple[decode_loop.DecodeLoop, list[list[int]]]:
+        loop = decode_loop.DecodeLoop(model, tok)
+        jobs = [decode_loop.Job(p, 1, settings, [None], print, print) for p in prompts]
+        with torch.inference_mode():
+            loop.join(jobs)
+            while loop.rows:
+                loop.step()
+                loop.leave()
+        return loop, [job.finished[0].tokens for job in jobs]
+
+    _, rowwise = generate()
+
+    def dropping(*args, row_lengths=None, **kwargs):
+        return cpu_attention.cpu_sdpa(*args, **kwargs)
+
+    AttentionInterface.register(cpu_attention.NAME, dropping)
+    try:
+        loop, padded = generate()
+    finally:
+        AttentionInterface.register(cpu_attention.NAME, cpu_attention.cpu_sdpa)
+    assert not loop.packed_prefill
+    assert "does not pass its keyword arguments" in caplog.text
+    assert padded == rowwise
 
 
 def test_parts_keep_order_and_budget():
@@ -311,6 +366,8 @@ def test_parts_keep_order_and_budget():
     assert [[len(j.prompt) for j in p] for p in parts] == [[10, 10], [30, 30], [30], [200]]
     two = decode_loop._parts([job(10, n=2), job(10, n=2), job(10, n=2)], 25)
     assert [len(p) for p in two] == [2, 1]  # prompts count, not rows: a prompt's samples share one
+    packed = decode_loop._parts(jobs, 64, packed=True)  # end to end: lengths add up
+    assert [[len(j.prompt) for j in p] for p in packed] == [[10, 10, 30], [30, 30], [200]]
 
 
 def test_a_model_whose_attention_takes_no_row_lengths_still_generates_correctly(backend):
@@ -347,3 +404,17 @@ def test_a_model_whose_attention_takes_no_row_lengths_still_generates_correctly(
     finally:
         model.set_attn_implementation(NAME)
     assert masked == rowwise
+
+
+def test_a_layer_keeps_its_remaining_rows_in_order_copying_only_the_rows_after_a_gap():
+    """Independent computation: the kept rows' written columns, picked by index from a copy."""
+    cache = decode_loop.RowCache()
+    keys, values = torch.randn(6, 3, 70, 8), torch.randn(6, 3, 70, 8)
+    layer = decode_loop.RowLayer(cache, keys.clone(), values.clone(), width=50)
+    buffer = layer._k
+    layer.keep(2, torch.tensor([3, 5]), width=40)  # rows 2 and 4 ended
+    assert layer._k.data_ptr() == buffer.data_ptr()  # in place: no new buffer
+    assert torch.equal(layer.keys, keys[[0, 1, 3, 5], :, :40])
+    assert torch.equal(layer.values, values[[0, 1, 3, 5], :, :40])
+    layer.keep(3, torch.tensor([], dtype=torch.long), width=30)  # the last row ended: no copy
+    assert torch.equal(layer.keys, keys[[0, 1, 3], :, :30])

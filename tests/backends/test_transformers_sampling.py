@@ -72,3 +72,30 @@ def test_samples_of_one_request_differ_and_the_seed_matters(backends):
     reseeded = _texts(backends[13], _requests(PROMPTS, seed=8))
     assert reseeded != texts
     assert _texts(backends[13], _requests(PROMPTS)) == texts
+
+
+def test_a_draw_is_the_first_token_whose_cumulative_probability_reaches_the_uniform():
+    """Independent computation: the count of tokens whose cumulative probability lies below
+    ``u`` times the total, over logits with ties, -inf (top-p cut) tokens and one-token rows."""
+    import torch
+
+    from synthpref.backends.row_sampling import RowSampler, draw_tokens
+
+    torch.manual_seed(3)
+    logits = torch.randn(64, 1000)
+    logits[:8, 500:] = float("-inf")  # a top-p cut: plateaus in the cdf
+    logits[8:12] = 0.0  # all tied
+    logits[12, 1:] = float("-inf")  # one token left
+    for temperature, top_p in [(1.0, 1.0), (0.7, 0.9), (1.3, 1.0)]:
+        seeds = range(len(logits))
+        drawn = draw_tokens(
+            logits, [torch.Generator().manual_seed(s) for s in seeds], temperature, top_p
+        )
+        scores = RowSampler([], temperature, top_p).warpers(None, logits)
+        cdf = scores.softmax(-1).cumsum(-1)
+        u = torch.stack(
+            [1 - torch.rand((), generator=torch.Generator().manual_seed(s)) for s in seeds]
+        )
+        expected = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=logits.shape[1] - 1)
+        assert torch.equal(drawn, expected), (temperature, top_p)
+        assert drawn[12] == 0
