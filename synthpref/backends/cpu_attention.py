@@ -16,10 +16,10 @@ in its last bits with its neighbours. In a prefill (as many keys as queries), th
 either end to end in one row (``row_lengths.packed``: prompt ``r`` is the next ``row_lengths[r]``
 columns) or left-padded (row ``r``'s prompt is its last ``row_lengths[r]`` columns; padding
 positions get zeros), and each prompt is one causal SDPA call on exactly its own tokens: the call
-transformers makes for an unpadded prompt alone. In a decode step (one query per row), row ``r`` has ``row_lengths[r]`` keys at the start
-of its cache row, and :func:`decode_attention` attends all rows at once through reductions whose
-order the batch cannot change; an unpadded decode call without ``row_lengths`` (a row alone) runs
-the same function, so the two agree bit for bit.
+transformers makes for an unpadded prompt alone. In a decode step (one query per row), row ``r``
+has ``row_lengths[r]`` keys at the start of its cache row, and :func:`decode_attention` attends
+all rows at once through reductions whose order the batch cannot change; an unpadded decode call
+without ``row_lengths`` (a row alone) runs the same function, so the two agree bit for bit.
 
 Everything else (no mask, CUDA, position biases) goes to transformers' own function unchanged.
 """

@@ -540,7 +540,8 @@ class RowLayer(DynamicLayer):
         """Keep rows ``0 .. first - 1`` and then rows ``moved`` (in order), in place: only the rows
         after the first that left are copied, and only their written columns (a new buffer per
         layer copied the whole cache twice whenever any row ended). The buffer's rows past the
-        kept ones are dropped from its view."""
+        kept ones are dropped from its view; their memory is freed when a join restacks the
+        cache or the batch empties (a batch's memory peaks while it is full, before rows leave)."""
         end = first + len(moved)
         if len(moved):
             for buffer in (self._k, self._v):
