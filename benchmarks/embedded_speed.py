@@ -189,12 +189,11 @@ def main() -> None:
         runs: dict[str, list[dict]] = {name: [] for name in sides}
         for round_ in range(args.repeats):
             for name, side in sides.items():
-                idle = {other: s.cpu_s() for other, s in sides.items() if other != name}
+                others = [s for s in sides.values() if s is not side]
+                before = [s.cpu_s() or 0.0 for s in others]
                 run = side.run()
                 run["others_cpu_s"] = sum(
-                    (s.cpu_s() or 0.0) - (idle[other] or 0.0)
-                    for other, s in sides.items()
-                    if other != name
+                    (s.cpu_s() or 0.0) - b for s, b in zip(others, before, strict=True)
                 )
                 runs[name].append(run)
                 print(f"round {round_ + 1} {name}: {json.dumps(run)}", flush=True)

@@ -151,14 +151,16 @@ def decode_attention(query: Any, key: Any, value: Any, lengths: Any, scaling: fl
     rows, heads, _, dim = query.shape
     kv = key.shape[1]
     group = heads // kv
-    parts = lengths.spans() if isinstance(lengths, RowLengths) else spans(lengths)
+    if not isinstance(lengths, RowLengths):  # a row alone, or a caller's plain list
+        lengths = RowLengths(lengths)
+    parts = lengths.spans()
     width = max(w for _, _, w in parts)
     if key.shape[2] < width:
         pad = (0, 0, 0, width - key.shape[2])
         key, value = F.pad(key, pad), F.pad(value, pad)
     scale = dim**-0.5 if scaling is None else scaling
     q = (query.reshape(rows * kv, group, dim) * scale).contiguous()
-    mask = lengths.mask(width, q) if isinstance(lengths, RowLengths) else _mask(lengths, width, q)
+    mask = lengths.mask(width, q)
     out = q.new_empty((rows * kv, group, dim))
     for a, b, w in parts:
         n = b - a
